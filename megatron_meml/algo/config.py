@@ -1,0 +1,58 @@
+"""Algorithm configuration: advantages, policy loss, mutual learning, loss weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+ADVANTAGES = ("paper", "grpo", "drgrpo", "pooled")
+POLICY_LOSSES = ("paper_pg", "clipped")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+MUTUAL_KINDS = ("sequence", "token")
+KL_TYPES = ("k1", "k3")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgoConfig:
+    """MEML-GRPO math: what is optimised."""
+
+    num_experts: int = 3
+    """K: how many experts (the first K of experts.ids) play in RIEL."""
+    advantage: str = "paper"
+    """paper (r - mean, positive part only), grpo (std-normalised), drgrpo (r - mean), pooled (across experts)."""
+    policy_loss: str = "paper_pg"
+    """paper_pg (-logp * max(A, 0)) or clipped (PPO-style ratio clipping)."""
+    aggregation: str = "token_mean"
+    """Loss aggregation: token_mean, seq_mean_token_mean, seq_mean_token_sum."""
+    clip_low: float = 0.2
+    """Clipped loss: lower ratio clip epsilon."""
+    clip_high: float = 0.2
+    """Clipped loss: upper ratio clip epsilon (clip-higher when larger than clip_low)."""
+    dual_clip: Optional[float] = None
+    """Clipped loss: dual-clip constant c (> 1) for negative advantages; None disables."""
+    kl_coef: float = 0.0
+    """Weight of the KL-to-reference term (0 disables the reference model)."""
+    kl_type: str = "k3"
+    """KL estimator to the reference: k1 or k3."""
+    tis_cap: Optional[float] = 2.0
+    """Truncated importance-sampling cap for the rollout/trainer mismatch; None disables the correction."""
+    mutual_learning: bool = True
+    """Inter-expert mutual learning on the best expert's correct response."""
+    mutual_kind: str = "sequence"
+    """sequence (Monte-Carlo KL on O+) or token (full-vocabulary KL along O+)."""
+    lambda_kl: float = 1.0
+    """lambda1: weight of the mutual-learning term."""
+    lambda_sft: float = 1.0
+    """lambda2: weight of the hard-example SFT term."""
+
+    def __post_init__(self) -> None:
+        checks = (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("aggregation", AGGREGATIONS),
+                  ("mutual_kind", MUTUAL_KINDS), ("kl_type", KL_TYPES))
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"algo.{name} must be one of {allowed}, got '{getattr(self, name)}'")
+        if self.num_experts < 1:
+            raise ValueError(f"algo.num_experts must be >= 1, got {self.num_experts}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"algo.dual_clip must be > 1 or null, got {self.dual_clip}")
+        if self.clip_low < 0 or self.clip_high < 0:
+            raise ValueError("algo.clip_low and algo.clip_high must be >= 0")

@@ -1,0 +1,187 @@
+"""Recipes: YAML diffs over the component dataclass defaults, plus dotted CLI overrides.
+
+Each component owns its config dataclass (frozen, kw_only) next to its code; this module only assembles them
+into :class:`MemlConfig` and implements loading. Merging and type checking come from OmegaConf structured
+configs; this module adds the error messages users need (file, key, nearest valid key, expected type).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_meml.algo.config import AlgoConfig
+from megatron_meml.checkpoint_config import CheckpointConfig
+from megatron_meml.data.config import DataConfig
+from megatron_meml.experts_config import ExpertsConfig
+from megatron_meml.hard_examples.config import HardExampleConfig
+from megatron_meml.metrics_config import LoggingConfig
+from megatron_meml.model.config import ModelConfig
+from megatron_meml.parallel import ParallelConfig
+from megatron_meml.rollout.config import RolloutConfig
+from megatron_meml.training.config import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A user-caused recipe/override error; the message names the file and key."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemlConfig:
+    """The whole run: one field per component."""
+
+    run_name: str = "meml"
+    """Name of the run; the run directory is ``<output_dir>/<run_name>``."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 1234
+    """Global seed (model init, sampler, rollouts, hard-example admission)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture / checkpoint / layer spec."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline / data parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation problems."""
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    """The K expert system prompts."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout engine and sampling."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """Advantages, losses, mutual learning."""
+    hard_examples: HardExampleConfig = field(default_factory=HardExampleConfig)
+    """Hard-example store."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimiser, batch sizes, steps."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and location."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics sinks and progress output."""
+
+
+# ----------------------------------------------------------------------------------------------- key checking
+def _check_keys(data: Any, cls: type, where: str, prefix: str = "") -> None:
+    """Raise ConfigError for the first key in ``data`` that is not a field of dataclass ``cls`` (recursively)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys under '{prefix.rstrip('.') or '<root>'}': {', '.join(sorted(fields))}"
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
+        ftype = fields[key].type
+        sub = _dataclass_type(cls, key)
+        if sub is not None and value is not None:
+            _check_keys(value, sub, where, prefix=f"{prefix}{key}.")
+        del ftype
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    """The dataclass type of field ``name`` of ``cls`` (None if the field is not a nested dataclass)."""
+    default = _default_instance(cls)
+    value = getattr(default, name)
+    return type(value) if dataclasses.is_dataclass(value) else None
+
+
+_DEFAULTS: dict[type, Any] = {}
+
+
+def _default_instance(cls: type) -> Any:
+    if cls not in _DEFAULTS:
+        _DEFAULTS[cls] = cls()
+    return _DEFAULTS[cls]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _resolve_base(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """A recipe may name ``base: other.yaml`` (relative to itself); returns [(file, diff), ...] base first."""
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    chain: list[tuple[str, dict]] = []
+    if base is not None:
+        bpath = (path.parent / str(base)).resolve()
+        if bpath in seen:
+            raise ConfigError(f"{path}: 'base' chain loops back to {bpath}")
+        chain = _resolve_base(bpath, seen + (path.resolve(),))
+    chain.append((str(path), data))
+    return chain
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"algo.num_experts=3"`` -> ``("algo.num_experts", 3)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. algo.num_experts=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _merge_one(merged: Any, data: dict, where: str) -> Any:
+    _check_keys(data, MemlConfig, where)
+    try:
+        return OmegaConf.merge(merged, data)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{where}: key '{key}': {_short(e)}") from None
+
+
+def _short(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0]
+    return msg
+
+
+def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> MemlConfig:
+    """Load a recipe (a YAML diff over the defaults) and apply dotted ``key=value`` overrides."""
+    merged = OmegaConf.structured(MemlConfig)
+    if recipe is not None:
+        for where, data in _resolve_base(Path(recipe)):
+            merged = _merge_one(merged, data, where)
+    for text in overrides:
+        key, value = parse_override(text)
+        merged = _merge_one(merged, _nest(key, value), f"override '{text}'")
+    try:
+        return OmegaConf.to_object(merged)
+    except (ValueError, TypeError) as e:  # __post_init__ checks name their field
+        raise ConfigError(f"{recipe or '<defaults>'}: {e}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{recipe or '<defaults>'}: {_short(e)}") from None
+
+
+def to_yaml(cfg: MemlConfig) -> str:
+    """The resolved config as YAML (written into every run directory)."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

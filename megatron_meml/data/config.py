@@ -1,0 +1,45 @@
+"""Data configuration: which benchmark (or the synthetic family), where from, splits."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+SOURCES = ("synthetic", "gsm8k", "mathqa", "strategyqa", "jsonl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Problems for training and evaluation."""
+
+    source: str = "synthetic"
+    """synthetic, gsm8k, mathqa, strategyqa or jsonl."""
+    path: Optional[str] = None
+    """Local file for the train split (wins over the hub)."""
+    eval_path: Optional[str] = None
+    """Local file for the evaluation split; None: a held-out fraction of the train split."""
+    hub_id: Optional[str] = None
+    """Hub dataset id override (used only when no local path is given)."""
+    split: str = "train"
+    """Split name for hub loading."""
+    val_fraction: float = 0.1
+    """Fraction held out for validation when no eval_path is given (deterministic by seed)."""
+    max_problems: Optional[int] = None
+    """Cap on loaded train problems (after the split)."""
+    skip_bad_rows: bool = False
+    """Count, log and skip invalid rows instead of raising."""
+    synthetic_levels: List[int] = field(default_factory=lambda: [1, 2, 3])
+    """Synthetic: difficulty levels (operand digits) in the mixture."""
+    synthetic_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    """Synthetic: mixture weight of each level."""
+    synthetic_ops: List[str] = field(default_factory=lambda: ["add"])
+    """Synthetic: operations (add, mul, expr)."""
+    synthetic_size: int = 4096
+    """Synthetic: number of generated problems."""
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got '{self.source}'")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if len(self.synthetic_levels) != len(self.synthetic_weights):
+            raise ValueError("data.synthetic_levels and data.synthetic_weights must have the same length")

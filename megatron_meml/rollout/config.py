@@ -1,0 +1,50 @@
+"""Rollout engine and sampling configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+BACKENDS = ("vllm", "hf")
+ENGINE_MODES = ("auto", "inprocess", "multiprocess")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """How responses are sampled."""
+
+    backend: str = "vllm"
+    """vllm (production and CPU fidelity) or hf (transformers generate; debugging only)."""
+    samples_per_expert: int = 8
+    """G: responses sampled per (question, expert)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 256
+    """Maximum response length in tokens."""
+    engine_mode: str = "auto"
+    """auto (in-process for one rank, own process under torchrun), inprocess, multiprocess."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor-parallel size (GPU)."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM GPU memory fraction (colocated with training)."""
+    kv_cache_gb: float = 1.0
+    """KV cache size on CPU, GiB."""
+    sleep_between_steps: bool = True
+    """Free engine memory during training where the platform supports sleep mode (GPU)."""
+    sync_bucket_mb: int = 256
+    """Weight-sync bucket size."""
+    seed: Optional[int] = None
+    """Sampling seed; None: derived from the run seed and step."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"rollout.backend must be one of {BACKENDS}, got '{self.backend}'")
+        if self.engine_mode not in ENGINE_MODES:
+            raise ValueError(f"rollout.engine_mode must be one of {ENGINE_MODES}, got '{self.engine_mode}'")
+        if self.samples_per_expert < 1:
+            raise ValueError(f"rollout.samples_per_expert must be >= 1, got {self.samples_per_expert}")
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")

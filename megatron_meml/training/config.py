@@ -1,0 +1,48 @@
+"""Trainer configuration: optimiser, batch sizes, steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation settings for both stages."""
+
+    lr: float = 1e-6
+    """RL (RIEL) learning rate (paper: 1e-6)."""
+    sft_lr: float = 1e-5
+    """SFT (MEF) learning rate (paper: 1e-5)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    problems_per_step: int = 8
+    """Questions sampled per RIEL step (each expanded to K experts x G samples)."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch in the train step."""
+    sft_batch_size: int = 32
+    """Sequences per MEF step."""
+    steps: int = 100
+    """RIEL steps."""
+    sft_steps: int = 100
+    """MEF steps."""
+    threads: int = 0
+    """torch intra-op threads per process (0: cores / local processes)."""
+
+    def __post_init__(self) -> None:
+        for name in ("problems_per_step", "micro_batch_size", "sft_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "sft_steps", "warmup_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.sft_lr <= 0:
+            raise ValueError("train.lr and train.sft_lr must be > 0")
