@@ -19,6 +19,8 @@ class AlgoConfig:
     """K: how many experts (the first K of experts.ids) play in RIEL."""
     advantage: str = "paper"
     """paper (r - mean, positive part only), grpo (std-normalised), drgrpo (r - mean), pooled (across experts)."""
+    adv_eps: float = 1e-6
+    """grpo advantage: (r - mean) / (std + adv_eps)."""
     policy_loss: str = "paper_pg"
     """paper_pg (-logp * max(A, 0)) or clipped (PPO-style ratio clipping)."""
     aggregation: str = "token_mean"
@@ -54,5 +56,7 @@ class AlgoConfig:
             raise ValueError(f"algo.num_experts must be >= 1, got {self.num_experts}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"algo.dual_clip must be > 1 or null, got {self.dual_clip}")
+        if self.adv_eps <= 0:
+            raise ValueError(f"algo.adv_eps must be > 0, got {self.adv_eps}")
         if self.clip_low < 0 or self.clip_high < 0:
             raise ValueError("algo.clip_low and algo.clip_high must be >= 0")
