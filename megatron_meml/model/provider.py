@@ -1,0 +1,110 @@
+"""Build a Megatron-Core ``GPTModel`` for the Qwen2 / Qwen2.5 and Llama 3.x families.
+
+Honours TP/PP (from the initialised parallel state), dtype, the layer spec (Transformer Engine when it
+imports, else Megatron's local spec) and FP8 settings (Transformer Engine only).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_meml.model.arch import ArchSpec, rope_inv_freq
+from megatron_meml.model.config import ModelConfig
+from megatron_meml.parallel import ParallelConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelConfigError(ValueError):
+    """A model setting that cannot work on this installation or layout."""
+
+
+def te_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_layer_spec(cfg: ModelConfig, *, have_te: Optional[bool] = None) -> str:
+    """'te' or 'local' (or 'sdpa'); raises ModelConfigError for FP8 or 'te' without Transformer Engine."""
+    have_te = te_available() if have_te is None else have_te
+    if cfg.fp8 is not None and not have_te:
+        raise ModelConfigError(
+            f"model.fp8={cfg.fp8} needs Transformer Engine, which is not installed here; install "
+            "megatron-meml[gpu] (or use the NGC container), or set model.fp8=null")
+    if cfg.layer_spec == "te" and not have_te:
+        raise ModelConfigError("model.layer_spec=te needs Transformer Engine, which is not installed here; "
+                               "use model.layer_spec=auto or local")
+    if cfg.fp8 is not None and cfg.layer_spec not in ("auto", "te"):
+        raise ModelConfigError(f"model.fp8 needs the Transformer Engine layer spec, not '{cfg.layer_spec}'")
+    if cfg.layer_spec == "auto":
+        return "te" if have_te else "local"
+    return cfg.layer_spec
+
+
+def transformer_config(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfig):
+    """Megatron ``TransformerConfig`` for ``arch`` under ``cfg`` and the parallel layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    arch.check_tp(parallel.tp)
+    arch.check_pp(parallel.pp)
+    dtype = _DTYPES[cfg.dtype]
+    on_cpu = not torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp, sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=cfg.dtype == "bf16", fp16=cfg.dtype == "fp16",
+        use_cpu_initialization=on_cpu, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, cross_entropy_loss_fusion=False, deallocate_pipeline_outputs=not on_cpu,
+        attention_softmax_in_fp32=True,
+    )
+    if cfg.recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if cfg.fp8 is not None:
+        kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe, fp8_amax_history_len=cfg.fp8_amax_history_len,
+                      fp8_amax_compute_algo="max")
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(name: str):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if name == "te":
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    if name == "local":
+        return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    raise ModelConfigError(f"model.layer_spec '{name}' is not available in this build (choose auto, te or local)")
+
+
+def build_model(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfig, *, vp_stage: Optional[int] = None):
+    """One pipeline stage's ``GPTModel`` (pre/post-process from Megatron's parallel state), on the right device."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    tcfg = transformer_config(arch, cfg, parallel)
+    spec = layer_spec(resolve_layer_spec(cfg))
+    first = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    last = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    model = GPTModel(
+        config=tcfg, transformer_layer_spec=spec, vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings, pre_process=first, post_process=last,
+        parallel_output=True, share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope", rotary_base=int(arch.rope_theta), vp_stage=vp_stage)
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is not None:  # exact HF inverse frequencies (Llama 3.x scaling included)
+        rope.inv_freq = rope_inv_freq(arch).to(rope.inv_freq.device)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """[1, 1, T, T] bool attention mask, True where attention is NOT allowed (Megatron's convention)."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
