@@ -124,7 +124,11 @@ def read_shards(directory: Path, body: dict[str, Any]) -> list[HardExample]:
         if len(data) != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise StoreCorruptError(f"{path}: checksum mismatch against {MANIFEST} (the shard is corrupt or was "
                                     f"modified); restore the directory from a checkpoint")
-        rows = data.decode().splitlines()
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as exc:
+            raise StoreCorruptError(f"{path}: not UTF-8 ({exc})") from exc
+        rows = text.split("\n")[:-1]  # not splitlines(): rows may hold U+2028 and other line breaks in text
         if len(rows) != shard["entries"]:
             raise StoreCorruptError(f"{path}: {len(rows)} rows, manifest says {shard['entries']}")
         for i, line in enumerate(rows, 1):

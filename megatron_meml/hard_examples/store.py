@@ -88,10 +88,10 @@ class HardExampleStore:
             return self.cfg.admit_prob
         return min(1.0, self.cfg.k_wrong / group_size)
 
-    def _solved(self, group: ExpertGroup) -> bool:
+    def _solved(self, wrong: int, size: int) -> bool:
         if self.cfg.retire_min_correct is None:
-            return group.num_wrong <= self.cfg.k_wrong
-        return len(group.rewards) - group.num_wrong >= self.cfg.retire_min_correct
+            return wrong <= self.cfg.k_wrong
+        return size - wrong >= self.cfg.retire_min_correct
 
     def _classify(self, groups: Sequence[ExpertGroup], step: int) -> tuple[list, list[Key]]:
         """This rank's candidate admissions [(u, HardExample)] and solved keys; depends on no store state."""
@@ -100,10 +100,10 @@ class HardExampleStore:
             size = len(g.rewards)
             if size == 0:
                 continue
-            key = (g.problem.id, int(g.expert))
-            if self._solved(g):
+            key, wrong = (g.problem.id, int(g.expert)), g.num_wrong
+            if self._solved(wrong, size):
                 solved.append(key)
-            if g.num_wrong > self.cfg.k_wrong:
+            if wrong > self.cfg.k_wrong:
                 u = uniform(self.seed, "admit", step, *key)
                 if u < self._admit_prob(size):
                     candidates.append((u, HardExample.from_group(g, step)))
@@ -128,14 +128,15 @@ class HardExampleStore:
         best: dict[Key, tuple[float, HardExample]] = {}
         for candidates, _ in gathered:
             for u, ex in candidates:
-                if ex.key in present:
+                key = ex.key
+                if key in present:
                     self._count("duplicates")
                     continue
-                if ex.key in best:
+                if key in best:
                     self._count("duplicates")
-                    if _tie_break(ex) >= _tie_break(best[ex.key][1]):
+                    if _tie_break(ex) >= _tie_break(best[key][1]):
                         continue
-                best[ex.key] = (u, ex)
+                best[key] = (u, ex)
         fresh = sorted(best.values(), key=lambda t: (t[0], t[1].key))
         room = max(self.cfg.capacity - len(self.entries), 0)
         for _, ex in fresh[:room]:

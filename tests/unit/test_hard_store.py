@@ -180,12 +180,23 @@ def test_commit_and_reopen_restore_exactly(tmp_path):
     assert other.state_dict() == s.state_dict()
 
 
+def test_text_with_unicode_line_breaks_round_trips(tmp_path):
+    s = HardExampleStore(cfg(), tmp_path / "s", seed=0)
+    p = Problem(id="u\u2028", question="line\u2028sep\x85nel\r\nwin \u00e3 \u2014", answer="1", solution="a\nb")
+    s.update([ExpertGroup(problem=p, expert=0, completions=[], rewards=[0.0] * 8)], step=0)
+    s.commit()
+    assert HardExampleStore(cfg(), tmp_path / "s", seed=0).state_dict() == s.state_dict()
+
+
 def test_seed_from_another_jobs_store(tmp_path):
     s = _filled(tmp_path / "old")
     new = HardExampleStore(cfg(capacity=6, seed_from=str(tmp_path / "old")), tmp_path / "new", seed=1)
     assert set(new.entries) == set(s.entries)
     assert all(e.admitted_step == -1 and e.replays == 0 for e in new.examples()) and new.step == -1
-    assert (tmp_path / "new" / persist.MANIFEST).is_file()
+    new.update([grp("fresh", 0, 8)], step=0)
+    new.commit()
+    again = HardExampleStore(cfg(capacity=6, seed_from=str(tmp_path / "old")), tmp_path / "new", seed=1)
+    assert again.state_dict() == new.state_dict()          # its own commit wins over seeding again
     with pytest.raises(FileNotFoundError, match="seed_from"):
         HardExampleStore(cfg(seed_from=str(tmp_path / "nothing")), tmp_path / "new2", seed=1)
 
