@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 SOURCES = ("synthetic", "gsm8k", "mathqa", "strategyqa", "jsonl")
+SYNTHETIC_OPS = ("add", "mul", "expr")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -16,7 +17,8 @@ class DataConfig:
     path: Optional[str] = None
     """Local file for the train split (wins over the hub)."""
     eval_path: Optional[str] = None
-    """Local file for the evaluation split; None: a held-out fraction of the train split."""
+    """Local file for the evaluation split; None: a held-out fraction of the train split (synthetic: any value
+    gives an independently generated validation stream instead)."""
     hub_id: Optional[str] = None
     """Hub dataset id override (used only when no local path is given)."""
     split: str = "train"
@@ -43,3 +45,14 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if len(self.synthetic_levels) != len(self.synthetic_weights):
             raise ValueError("data.synthetic_levels and data.synthetic_weights must have the same length")
+        if not self.synthetic_levels or any(lvl < 1 for lvl in self.synthetic_levels):
+            raise ValueError(f"data.synthetic_levels must be digit counts >= 1, got {self.synthetic_levels}")
+        if any(w < 0 for w in self.synthetic_weights) or sum(self.synthetic_weights) <= 0:
+            raise ValueError(f"data.synthetic_weights must be >= 0 with a positive sum, got {self.synthetic_weights}")
+        bad_ops = [op for op in self.synthetic_ops if op not in SYNTHETIC_OPS]
+        if not self.synthetic_ops or bad_ops:
+            raise ValueError(f"data.synthetic_ops must be a non-empty subset of {SYNTHETIC_OPS}, got {self.synthetic_ops}")
+        if self.synthetic_size < 1:
+            raise ValueError(f"data.synthetic_size must be >= 1, got {self.synthetic_size}")
+        if self.max_problems is not None and self.max_problems < 1:
+            raise ValueError(f"data.max_problems must be >= 1 or null, got {self.max_problems}")
