@@ -76,11 +76,9 @@ def _check_keys(data: Any, cls: type, where: str, prefix: str = "") -> None:
             near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys under '{prefix.rstrip('.') or '<root>'}': {', '.join(sorted(fields))}"
             raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
-        ftype = fields[key].type
         sub = _dataclass_type(cls, key)
         if sub is not None and value is not None:
             _check_keys(value, sub, where, prefix=f"{prefix}{key}.")
-        del ftype
 
 
 def _dataclass_type(cls: type, name: str) -> type | None:
@@ -157,7 +155,24 @@ def _merge_one(merged: Any, data: dict, where: str) -> Any:
         return OmegaConf.merge(merged, data)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"{where}: key '{key}': {_short(e)}") from None
+        want = _expected_type(key)
+        hint = f" (expected {want})" if want else ""
+        raise ConfigError(f"{where}: key '{key}'{hint}: {_short(e)}") from None
+
+
+def _expected_type(key: str) -> str | None:
+    """The annotated type of dotted ``key`` in MemlConfig, as written in the dataclass (e.g. 'int')."""
+    cls: Any = MemlConfig
+    ftype = None
+    for part in key.split("."):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return None
+        ftype = fields[part].type
+        cls = _dataclass_type(cls, part)
+    return ftype if isinstance(ftype, str) else getattr(ftype, "__name__", None)
 
 
 def _short(e: OmegaConfBaseException) -> str:
@@ -177,9 +192,9 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
     try:
         return OmegaConf.to_object(merged)
     except (ValueError, TypeError) as e:  # __post_init__ checks name their field
-        raise ConfigError(f"{recipe or '<defaults>'}: {e}") from None
+        raise ConfigError(f"{recipe or 'defaults + overrides'}: {e}") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{recipe or '<defaults>'}: {_short(e)}") from None
+        raise ConfigError(f"{recipe or 'defaults + overrides'}: {_short(e)}") from None
 
 
 def to_yaml(cfg: MemlConfig) -> str:

