@@ -1,6 +1,12 @@
-"""Expert-set configuration (the K system prompts); the expert logic is in experts.py."""
+"""Expert-set configuration (the K system prompts); the expert logic is in experts.py.
+
+The defaults fit the embedded default task (``data.source: synthetic``): three short synthetic-style experts
+answering in ``#### X`` form. Benchmark recipes set ``ids: [expert0, expert1, expert2]`` (the paper's experts)
+and usually ``answer_format: the_answer_is`` or ``boxed``.
+"""
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -11,16 +17,23 @@ ANSWER_FORMATS = ("boxed", "the_answer_is", "hash")
 class ExpertsConfig:
     """K experts: ids and where their system prompts come from."""
 
-    ids: List[str] = field(default_factory=lambda: ["expert0", "expert1", "expert2"])
-    """Expert ids; each has a prompt file <prompt_dir>/<id>.txt. The first is the ground-truth-style expert."""
+    ids: List[str] = field(default_factory=lambda: ["synth_direct", "synth_steps", "synth_columns"])
+    """Expert ids; each has a prompt file <prompt_dir>/<id>.txt. The first is the ground-truth-style expert.
+    An id synth_<style> writes the synthetic family's gold work in that style (direct, steps, columns)."""
     prompt_dir: Optional[str] = None
-    """Directory of prompt files; None: the packaged recipes/prompts/experts."""
-    answer_format: str = "the_answer_is"
+    """Directory of prompt files; None: the packaged megatron_meml/prompts/experts (also recipes/prompts/experts)."""
+    answer_format: str = "hash"
     """Answer format the prompts ask for and the verifier extracts: boxed, the_answer_is, hash."""
+    format_instruction: Optional[str] = None
+    """Sentence appended to every system prompt; None: the standard one for answer_format and the problem kind;
+    an empty string: none."""
     teacher_traces: Dict[str, str] = field(default_factory=dict)
     """MEF: expert id -> JSONL file of {id, response} teacher traces (others use the gold solution)."""
     chat_template: str = "auto"
     """auto (the tokenizer's own, else the plain template) or plain."""
+    plain_template: str = "{system}\n{question}\n"
+    """Prompt text for tokenizers without a chat template (after BOS when the tokenizer has one); must use
+    exactly the fields {system} and {question}."""
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -31,3 +44,12 @@ class ExpertsConfig:
             raise ValueError(f"experts.answer_format must be one of {ANSWER_FORMATS}, got '{self.answer_format}'")
         if self.chat_template not in ("auto", "plain"):
             raise ValueError(f"experts.chat_template must be auto or plain, got '{self.chat_template}'")
+        unknown = set(self.teacher_traces) - set(self.ids)
+        if unknown:
+            raise ValueError(f"experts.teacher_traces names experts not in experts.ids: {sorted(unknown)}")
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(self.plain_template) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"experts.plain_template is not a valid format string: {e}") from None
+        if sorted(names) != ["question", "system"]:
+            raise ValueError(f"experts.plain_template must use {{system}} and {{question}} once each, got {names}")
