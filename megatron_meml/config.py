@@ -25,6 +25,7 @@ from megatron_meml.hard_examples.config import HardExampleConfig
 from megatron_meml.metrics_config import LoggingConfig
 from megatron_meml.model.config import ModelConfig
 from megatron_meml.parallel import ParallelConfig
+from megatron_meml.rewards.config import RewardConfig
 from megatron_meml.rollout.config import RolloutConfig
 from megatron_meml.training.config import TrainConfig
 
@@ -53,6 +54,8 @@ class MemlConfig:
     """The K expert system prompts."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout engine and sampling."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Verifier bounds (how much of a response is read, time limits)."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     """Advantages, losses, mutual learning."""
     hard_examples: HardExampleConfig = field(default_factory=HardExampleConfig)
