@@ -22,6 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config of a recipe with overrides")
     c.add_argument("recipe", nargs="?", default=None)
     c.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algo.num_experts=3")
+    pl = sub.add_parser("plan", help="check a recipe's parallel layout and estimate memory per GPU (no GPU needed)")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=4")
+    pl.add_argument("--nodes", type=int, required=True, help="SLURM nodes")
+    pl.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
+    pl.add_argument("--gpu-mem-gb", type=float, default=80.0, help="usable memory per GPU in GiB (default 80)")
     for name, what in PENDING.items():
         s = sub.add_parser(name, help=f"{what} (not yet available)")
         s.add_argument("args", nargs="*")
@@ -30,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "plan":
+        from megatron_meml.plan import run_plan
+
+        return run_plan(args.recipe, args.overrides, args.nodes, args.gpus_per_node, args.gpu_mem_gb)
     if args.cmd == "config":
         try:
             cfg = load_config(args.recipe, args.overrides)

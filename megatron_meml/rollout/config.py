@@ -22,6 +22,9 @@ class RolloutConfig:
     """Nucleus sampling threshold."""
     max_new_tokens: int = 256
     """Maximum response length in tokens."""
+    max_prompt_tokens: int = 512
+    """Longest prompt (system prompt + question, chat template included) in tokens; ``meml plan`` sizes
+    training activations and the vLLM KV cache for max_prompt_tokens + max_new_tokens."""
     engine_mode: str = "auto"
     """auto (in-process for one rank, own process under torchrun), inprocess, multiprocess."""
     tensor_parallel_size: int = 1
@@ -44,6 +47,9 @@ class RolloutConfig:
             raise ValueError(f"rollout.engine_mode must be one of {ENGINE_MODES}, got '{self.engine_mode}'")
         if self.samples_per_expert < 1:
             raise ValueError(f"rollout.samples_per_expert must be >= 1, got {self.samples_per_expert}")
+        if self.max_prompt_tokens < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_prompt_tokens and rollout.max_new_tokens must be >= 1, got "
+                             f"{self.max_prompt_tokens} and {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"rollout.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
