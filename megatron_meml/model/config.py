@@ -46,7 +46,7 @@ class ModelConfig:
     dtype: str = "fp32"
     """Parameter dtype: fp32, bf16 or fp16."""
     layer_spec: str = "auto"
-    """auto (TE when transformer_engine imports, else local), te, local, sdpa."""
+    """auto (TE when transformer_engine imports, else sdpa), te, local, sdpa (local layers + PyTorch SDPA attention)."""
     fp8: Optional[str] = None
     """FP8 format (e4m3 or hybrid); needs Transformer Engine. None disables FP8."""
     fp8_recipe: str = "delayed"
@@ -55,6 +55,10 @@ class ModelConfig:
     """Amax history length for delayed scaling."""
     recompute: bool = False
     """Full activation recompute of each transformer layer."""
+    fused_kernels: bool = True
+    """On CUDA, turn on Megatron's optional fusions that work on this installation (SwiGLU, bias-dropout-add and
+    vocab-parallel cross-entropy via torch.compile; softmax/RoPE kernels only when their extensions import).
+    Ignored on CPU."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

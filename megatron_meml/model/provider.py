@@ -1,10 +1,11 @@
 """Build a Megatron-Core ``GPTModel`` for the Qwen2 / Qwen2.5 and Llama 3.x families.
 
 Honours TP/PP (from the initialised parallel state), dtype, the layer spec (Transformer Engine when it
-imports, else Megatron's local spec) and FP8 settings (Transformer Engine only).
+imports, else Megatron's local layers with PyTorch SDPA attention) and FP8 settings (Transformer Engine only).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Optional
 
@@ -27,7 +28,10 @@ def te_available() -> bool:
 
 
 def resolve_layer_spec(cfg: ModelConfig, *, have_te: Optional[bool] = None) -> str:
-    """'te' or 'local' (or 'sdpa'); raises ModelConfigError for FP8 or 'te' without Transformer Engine."""
+    """'te', 'local' or 'sdpa' ('auto': te when Transformer Engine imports, else sdpa).
+
+    Raises ModelConfigError for FP8 or 'te' without Transformer Engine.
+    """
     have_te = te_available() if have_te is None else have_te
     if cfg.fp8 is not None and not have_te:
         raise ModelConfigError(
@@ -35,12 +39,38 @@ def resolve_layer_spec(cfg: ModelConfig, *, have_te: Optional[bool] = None) -> s
             "megatron-meml[gpu] (or use the NGC container), or set model.fp8=null")
     if cfg.layer_spec == "te" and not have_te:
         raise ModelConfigError("model.layer_spec=te needs Transformer Engine, which is not installed here; "
-                               "use model.layer_spec=auto or local")
+                               "use model.layer_spec=auto, sdpa or local")
     if cfg.fp8 is not None and cfg.layer_spec not in ("auto", "te"):
         raise ModelConfigError(f"model.fp8 needs the Transformer Engine layer spec, not '{cfg.layer_spec}'")
     if cfg.layer_spec == "auto":
-        return "te" if have_te else "local"
+        return "te" if have_te else "sdpa"
     return cfg.layer_spec
+
+
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - a broken extension counts as absent
+        return False
+    return True
+
+
+def fusion_flags(cfg: ModelConfig, *, cuda: bool) -> dict[str, bool]:
+    """Megatron's optional fusions: all off on CPU or with model.fused_kernels=false; on CUDA the pure-PyTorch
+    ones (torch.compile'd SwiGLU and bias-dropout-add, native fused vocab-parallel cross-entropy) are on, and the
+    extension kernels (masked softmax, RoPE) only where their modules import. persist_layer_norm stays off: it is
+    apex's LayerNorm kernel and these models use RMSNorm."""
+    on = cfg.fused_kernels and cuda
+    rope_fusion = False
+    if on:
+        from megatron.core.models.common.embeddings import rope_utils
+
+        rope_fusion = rope_utils.fused_apply_rotary_pos_emb is not None
+    return dict(
+        bias_activation_fusion=on, bias_dropout_fusion=on, cross_entropy_loss_fusion=on,
+        masked_softmax_fusion=on and _imports("scaled_masked_softmax_cuda")
+        and _imports("scaled_upper_triang_masked_softmax_cuda"),
+        apply_rope_fusion=rope_fusion)
 
 
 def transformer_config(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfig):
@@ -61,9 +91,8 @@ def transformer_config(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfi
         virtual_pipeline_model_parallel_size=parallel.vpp, sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=cfg.dtype == "bf16", fp16=cfg.dtype == "fp16",
         use_cpu_initialization=on_cpu, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, cross_entropy_loss_fusion=False, deallocate_pipeline_outputs=not on_cpu,
-        attention_softmax_in_fp32=True,
+        deallocate_pipeline_outputs=not on_cpu, attention_softmax_in_fp32=True,
+        **fusion_flags(cfg, cuda=not on_cpu),
     )
     if cfg.recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -74,13 +103,23 @@ def transformer_config(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfi
 
 
 def layer_spec(name: str):
+    """Megatron ``ModuleSpec`` of one transformer layer: 'te', 'local', or 'sdpa' (the local spec whose core
+    attention is ``SDPAttention``; same modules and parameter names otherwise, so checkpoints interchange)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if name == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec()
     if name == "local":
         return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    raise ModelConfigError(f"model.layer_spec '{name}' is not available in this build (choose auto, te or local)")
+    if name == "sdpa":
+        from megatron_meml.model.sdpa_attention import SDPAttention
+
+        local = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        attn = local.submodules.self_attention
+        attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
+        layer_sub = dataclasses.replace(local.submodules, self_attention=dataclasses.replace(attn, submodules=attn_sub))
+        return dataclasses.replace(local, submodules=layer_sub)
+    raise ModelConfigError(f"model.layer_spec '{name}' is not available (choose auto, te, local or sdpa)")
 
 
 def build_model(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfig, *, vp_stage: Optional[int] = None):

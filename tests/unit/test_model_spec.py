@@ -10,9 +10,11 @@ from megatron_meml.model.provider import ModelConfigError, layer_spec, resolve_l
 
 
 def test_auto_spec_follows_transformer_engine():
-    assert resolve_layer_spec(ModelConfig(), have_te=False) == "local"
+    assert resolve_layer_spec(ModelConfig(), have_te=False) == "sdpa"
     assert resolve_layer_spec(ModelConfig(), have_te=True) == "te"
     assert resolve_layer_spec(ModelConfig(layer_spec="local"), have_te=True) == "local"
+    assert resolve_layer_spec(ModelConfig(layer_spec="sdpa"), have_te=True) == "sdpa"
+    assert resolve_layer_spec(ModelConfig(layer_spec="sdpa"), have_te=False) == "sdpa"
 
 
 def test_fp8_without_te_is_a_clear_error():
@@ -22,6 +24,8 @@ def test_fp8_without_te_is_a_clear_error():
         resolve_layer_spec(ModelConfig(layer_spec="te"), have_te=False)
     with pytest.raises(ModelConfigError, match="needs the Transformer Engine layer spec"):
         resolve_layer_spec(ModelConfig(fp8="hybrid", layer_spec="local"), have_te=True)
+    with pytest.raises(ModelConfigError, match="needs the Transformer Engine layer spec, not 'sdpa'"):
+        resolve_layer_spec(ModelConfig(fp8="hybrid", layer_spec="sdpa"), have_te=True)
 
 
 def test_fp8_config_values_checked():
@@ -48,6 +52,39 @@ def test_te_spec_builds_with_fp8_settings():
 def test_local_spec_builds():
     spec = layer_spec("local")
     assert "DotProductAttention" in repr(spec)
+
+
+def test_sdpa_spec_is_the_local_spec_with_sdpa_core_attention():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_meml.model.sdpa_attention import SDPAttention
+
+    local, sdpa = layer_spec("local"), layer_spec("sdpa")
+    attn_l, attn_s = local.submodules.self_attention, sdpa.submodules.self_attention
+    assert attn_l.submodules.core_attention is DotProductAttention  # the local spec is left untouched
+    assert attn_s.submodules.core_attention is SDPAttention
+    assert attn_s.params == attn_l.params and attn_s.module is attn_l.module
+    for name in ("linear_qkv", "linear_proj", "q_layernorm", "k_layernorm"):
+        assert getattr(attn_s.submodules, name) is getattr(attn_l.submodules, name)
+    for name in ("input_layernorm", "pre_mlp_layernorm", "mlp", "self_attn_bda", "mlp_bda",
+                 "sharded_state_dict_keys_map"):
+        assert getattr(sdpa.submodules, name) == getattr(local.submodules, name)
+
+
+def test_unknown_spec_name_lists_choices():
+    with pytest.raises(ModelConfigError, match="choose auto, te, local or sdpa"):
+        layer_spec("flash")
+
+
+def test_fusions_only_on_cuda_and_when_enabled():
+    from megatron_meml.model.provider import fusion_flags
+
+    assert not any(fusion_flags(ModelConfig(), cuda=False).values())
+    assert not any(fusion_flags(ModelConfig(fused_kernels=False), cuda=True).values())
+    on = fusion_flags(ModelConfig(), cuda=True)
+    # The pure-PyTorch fusions need no extension; the others follow what imports here.
+    assert on["bias_activation_fusion"] and on["bias_dropout_fusion"] and on["cross_entropy_loss_fusion"]
+    assert on["apply_rope_fusion"] == te_available()
 
 
 def _arch(**kw):
