@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 512
 """Tokens per chunk: the transient buffers are a few chunk_size x V_local fp32 tensors."""
 
 
@@ -88,22 +88,22 @@ def _softmax_stats(x: torch.Tensor, targets: torch.Tensor, offset: int, group, w
     return lse, packed[1], entropy
 
 
-def _logprob_grad(x: torch.Tensor, targets: torch.Tensor, offset: int, lse: torch.Tensor,
-                  entropy: Optional[torch.Tensor], g_lp: Optional[torch.Tensor],
-                  g_ent: Optional[torch.Tensor]) -> torch.Tensor:
-    """Gradient wrt one chunk of local logits x [n, V_local] (fp32), no communication.
+def _logprob_grad(logp: torch.Tensor, targets: torch.Tensor, offset: int, entropy: Optional[torch.Tensor],
+                  g_lp: Optional[torch.Tensor], g_ent: Optional[torch.Tensor]) -> torch.Tensor:
+    """Gradient wrt one chunk of local logits, no communication; overwrites and returns ``logp``.
 
+    logp [n, V_local] fp32 = x - lse (global log-softmax of the shard, a buffer the caller owns).
     d logp(t)/dx_v = 1[v = t] - p_v;  dH/dx_v = -p_v (log p_v + H).
     """
-    logp = x - lse[:, None]
-    p = logp.exp()
-    coef = torch.zeros_like(lse) if g_lp is None else g_lp.float()
+    coef = torch.zeros_like(logp[:, 0]) if g_lp is None else g_lp.float()
     if g_ent is not None:
+        p = logp.exp()
         grad = logp.add_(entropy[:, None]).mul_(g_ent.float()[:, None]).add_(coef[:, None]).mul_(p).neg_()
+        del p
     else:
-        grad = p.mul_(-coef[:, None])
+        grad = logp.exp_().mul_(-coef[:, None])
     if g_lp is not None:
-        idx, inside = _local_target(targets, offset, x.shape[-1])
+        idx, inside = _local_target(targets, offset, logp.shape[-1])
         grad.scatter_add_(-1, idx[:, None], (coef * inside)[:, None])
     return grad
 
@@ -133,14 +133,18 @@ class _LogitsLogprob(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent=None):
         logits, targets, lse, ent = ctx.saved_tensors
         offset, chunk_size = ctx.meta
-        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
         if g_lp is None and g_ent is None:
-            return grad, None, None, None, None
+            return torch.zeros_like(logits), None, None, None, None
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # every chunk overwrites
         for s, e in _chunks(logits.shape[0], chunk_size):
-            grad[s:e] = _logprob_grad(logits[s:e].float(), targets[s:e], offset, lse[s:e],
-                                      None if ent is None else ent[s:e],
-                                      None if g_lp is None else g_lp[s:e],
-                                      None if g_ent is None else g_ent[s:e])
+            x = logits[s:e]
+            # write x - lse straight into the gradient buffer when it is fp32 (no extra chunk copy)
+            buf = torch.sub(x, lse[s:e, None], out=grad[s:e]) if x.dtype == torch.float32 else \
+                x.float() - lse[s:e, None]
+            out = _logprob_grad(buf, targets[s:e], offset, None if ent is None else ent[s:e],
+                                None if g_lp is None else g_lp[s:e], None if g_ent is None else g_ent[s:e])
+            if out.data_ptr() != grad[s:e].data_ptr():
+                grad[s:e] = out
         return grad, None, None, None, None
 
 
@@ -176,8 +180,8 @@ class _HiddenLogprob(torch.autograd.Function):
         if g_lp is None and g_ent is None:
             return grad_h, grad_w.to(weight.dtype), None, None, None, None
         for s, e in _chunks(hidden.shape[0], chunk_size):
-            x = (hidden[s:e] @ weight.t()).float()
-            gx = _logprob_grad(x, targets[s:e], offset, lse[s:e], None if ent is None else ent[s:e],
+            x = (hidden[s:e] @ weight.t()).float().sub_(lse[s:e, None])
+            gx = _logprob_grad(x, targets[s:e], offset, None if ent is None else ent[s:e],
                                None if g_lp is None else g_lp[s:e], None if g_ent is None else g_ent[s:e])
             del x
             gx = gx.to(hidden.dtype)

@@ -147,3 +147,18 @@ def test_bad_shapes_raise():
         vocab_parallel_logprobs_from_hidden(torch.randn(2, 4), torch.randn(5, 3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_size"):
         vocab_parallel_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), chunk_size=0)
+
+
+def test_bf16_logits_are_upcast_and_gradient_keeps_dtype():
+    torch.manual_seed(5)
+    logits = (torch.randn(6, 31) * 3).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 31, (6,))
+    lp, ent = vocab_parallel_logprobs(logits, targets, chunk_size=4, with_entropy=True)
+    assert lp.dtype == torch.float32
+    (lp.sum() + ent.sum()).backward()
+    assert logits.grad.dtype == torch.bfloat16
+    ref_in = logits.detach().float().requires_grad_()
+    rlp, rent = ref_logprobs(ref_in, targets)
+    (rlp.sum() + rent.sum()).backward()
+    assert _max_diff(lp, rlp) <= TOL and _max_diff(ent, rent) <= TOL  # same bf16 values, fp32 math
+    assert _max_diff(logits.grad.float(), ref_in.grad) <= 1e-2       # bf16 rounding of the gradient
