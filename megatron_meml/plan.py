@@ -455,7 +455,7 @@ def plan(cfg, layout: Layout) -> Plan:
 # ----------------------------------------------------------------------------------------------- report
 _ROW_NAMES = (("weights", "weights"), ("grads", "grads (fp32 buffer)"), ("optimizer", "optimizer (dist.)"),
               ("fp8_cache", "fp8 weight cache"), ("reference", "reference model"), ("runtime", "runtime overhead"),
-              ("activations", "activations"), ("logits", "logits"), ("vllm", "vLLM share"))
+              ("activations", "activations"), ("logits", "logits"), ("vllm", "vLLM share (awake)"))
 
 
 def format_plan(p: Plan, recipe: str = "") -> str:
