@@ -1,0 +1,157 @@
+"""Megatron ``forward_step_func`` + ``loss_func`` for a mixed MEML micro-batch.
+
+A micro-batch holds GRPO rows, mutual-learning pairs (student P- and teacher P+ rows scoring the same
+response O+, always in the same micro-batch) and SFT rows. Every term is a *sum* over local rows divided by
+a global normaliser computed once per step over all micro-batches and DP ranks (``StepNormalisers``), so the
+step's objective is exact whatever the micro-batch count or DP size. Megatron's schedule divides each
+micro-batch loss by the micro-batch count and DDP averages gradients over DP; the loss handed to backward is
+multiplied by ``micro_batches x dp_size`` to undo both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_meml.algo.config import AlgoConfig
+from megatron_meml.algo.logprobs import vocab_parallel_logprobs
+from megatron_meml.algo.losses import (clipped_pg_loss, kl_to_reference_loss, local_normaliser,
+                                       mutual_kl_positions, paper_pg_loss, sequence_logprob,
+                                       sequence_mutual_kl_loss, sft_nll_loss, tis_weights, token_mutual_kl_loss)
+from megatron_meml.model.provider import causal_mask
+
+GRPO, STUDENT, TEACHER, SFT = 0, 1, 2, 3
+
+
+@dataclass(kw_only=True)
+class MicroBatch:
+    """One micro-batch; tensors [B, T] unless stated. labels[b, t] = tokens[b, t + 1] (last: pad)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    """[B, T] float: 1 where labels[b, t] is scored."""
+    row_kind: torch.Tensor
+    """[B] int64: GRPO, STUDENT, TEACHER, SFT (padding rows are GRPO rows with an all-zero mask)."""
+    advantages: torch.Tensor
+    """[B] float."""
+    partner: torch.Tensor
+    """[B] int64: for a STUDENT row, the row index of its TEACHER in this micro-batch; -1 elsewhere."""
+    old_logprobs: Optional[torch.Tensor] = None
+    rollout_logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepNormalisers:
+    """Global (all micro-batches, all DP ranks) denominators of each term; each >= 1."""
+
+    pg: float
+    """GRPO tokens (token_mean) or GRPO sequences (seq_* aggregations)."""
+    pairs: float
+    """Mutual-learning pairs."""
+    sft: float
+    """SFT target tokens (token mean of the NLL)."""
+
+
+def step_normalisers(micro: list[MicroBatch], algo: AlgoConfig, dp_group=None) -> StepNormalisers:
+    """Sum the local counts over micro-batches, then over the DP group."""
+    counts = torch.zeros(3, dtype=torch.float64)
+    for mb in micro:
+        kind = mb.row_kind[:, None]
+        counts[0] += float(local_normaliser(mb.loss_mask * (kind == GRPO), algo.aggregation))
+        counts[1] += float((mb.row_kind == STUDENT).sum())
+        counts[2] += float((mb.loss_mask * (kind == SFT)).sum())
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(counts, group=dp_group)
+    pg, pairs, sft = (max(float(c), 1.0) for c in counts)
+    return StepNormalisers(pg=pg, pairs=pairs, sft=sft)
+
+
+def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo: AlgoConfig, tp_group,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The micro-batch's share of L = L_pg (+ kl_coef L_ref) + lambda1 L_mutual + lambda2 L_sft (sum form)."""
+    lp, _ = vocab_parallel_logprobs(logits, mb.labels, tp_group)
+    kind = mb.row_kind[:, None]
+    mask = mb.loss_mask.to(lp.dtype)
+    g_mask = mask * (kind == GRPO)
+    is_w, metrics = None, {}
+    if mb.rollout_logprobs is not None and mb.old_logprobs is not None:
+        is_w, metrics = tis_weights(mb.old_logprobs, mb.rollout_logprobs, g_mask, norm.pg, cap=algo.tis_cap,
+                                    aggregation=algo.aggregation)
+    if algo.policy_loss == "paper_pg":
+        loss, m = paper_pg_loss(lp, mb.advantages, g_mask, norm.pg, aggregation=algo.aggregation,
+                                is_weights=is_w)
+    else:
+        old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
+        loss, m = clipped_pg_loss(lp, old, mb.advantages, g_mask, norm.pg, clip_low=algo.clip_low,
+                                  clip_high=algo.clip_high, dual_clip=algo.dual_clip,
+                                  aggregation=algo.aggregation, is_weights=is_w)
+    metrics.update(m)
+    if algo.kl_coef > 0 and mb.ref_logprobs is not None:
+        kl, m = kl_to_reference_loss(lp, mb.ref_logprobs, g_mask, norm.pg, kind=algo.kl_type,
+                                     aggregation=algo.aggregation)
+        loss = loss + algo.kl_coef * kl
+        metrics.update(m)
+    students = (mb.row_kind == STUDENT).nonzero().squeeze(-1)
+    if students.numel():
+        teachers = mb.partner[students]
+        if algo.mutual_kind == "sequence":
+            t_seq = sequence_logprob(lp[teachers], mask[teachers]).detach()
+            kl, m = sequence_mutual_kl_loss(lp[students], mask[students], t_seq, norm.pairs)
+        else:
+            s_pos, t_pos = mutual_kl_positions(mask, students, teachers)
+            kl, m = token_mutual_kl_loss(logits, s_pos, t_pos, norm.pairs, tp_group)
+        loss = loss + algo.lambda_kl * kl
+        metrics.update(m)
+    s_mask = mask * (kind == SFT)
+    if bool(s_mask.any()):
+        sft, m = sft_nll_loss(lp, s_mask, norm.sft)
+        loss = loss + algo.lambda_sft * sft
+        metrics.update(m)
+    metrics["train/loss"] = loss.detach().float()
+    return loss, metrics
+
+
+def _loss_func(mb: MicroBatch, norm: StepNormalisers, algo: AlgoConfig, tp_group, scale: float,
+               output_tensor: torch.Tensor):
+    loss, metrics = meml_loss(output_tensor, mb, norm, algo, tp_group)
+    return loss * scale, metrics
+
+
+def make_forward_step(norm: StepNormalisers, algo: AlgoConfig, *, num_microbatches: int, dp_size: int,
+                      tp_group=None):
+    """A Megatron forward_step_func over an iterator of MicroBatch (tokens are needed on every stage)."""
+    scale = float(num_microbatches * dp_size)
+
+    def forward_step(data_iterator: Iterator[MicroBatch], model):
+        mb = next(data_iterator)
+        t = mb.tokens.shape[1]
+        dev = next(model.parameters()).device
+        pos = torch.arange(t, device=dev)[None].expand(mb.tokens.shape[0], t)
+        out = model(mb.tokens.to(dev), pos, causal_mask(t, dev))
+        return out, partial(_loss_func, mb, norm, algo, tp_group, scale)
+
+    return forward_step
+
+
+def logprob_forward_step(tp_group=None):
+    """forward_step_func for forward-only log-prob computation: the loss_func returns [B, T] log-probs."""
+
+    def forward_step(data_iterator: Iterator[MicroBatch], model):
+        mb = next(data_iterator)
+        t = mb.tokens.shape[1]
+        dev = next(model.parameters()).device
+        pos = torch.arange(t, device=dev)[None].expand(mb.tokens.shape[0], t)
+        out = model(mb.tokens.to(dev), pos, causal_mask(t, dev))
+
+        def loss_func(output_tensor):
+            lp, _ = vocab_parallel_logprobs(output_tensor, mb.labels.to(dev), tp_group)
+            return lp.sum() * 0.0, {"logprobs": lp.detach()}
+
+        return out, loss_func
+
+    return forward_step

@@ -1,0 +1,158 @@
+"""The trainer: ``compute_logprobs(batch)`` and ``train_step(batch) -> metrics`` over Megatron's pipeline
+schedules. It knows nothing of rollouts or rewards: a TrainBatch comes in, gradients and an optimizer step
+come out."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_meml.algo.config import AlgoConfig
+from megatron_meml.training.forward_step import (GRPO, STUDENT, TEACHER, MicroBatch, logprob_forward_step,
+                                                 make_forward_step, step_normalisers)
+from megatron_meml.training.setup import TrainState, zero_grads
+from megatron_meml.types import TrainBatch
+
+
+def pack_rows(row_kind: torch.Tensor, pair_id: Optional[torch.Tensor], micro_batch_size: int) -> list[list[int]]:
+    """Row indices of each micro-batch: rows in order, a mutual-learning pair (STUDENT + TEACHER with the same
+    pair_id) never split across micro-batches."""
+    units: list[list[int]] = []
+    placed: set[int] = set()
+    teacher_of: dict[int, int] = {}
+    if pair_id is not None:
+        for r in (row_kind == TEACHER).nonzero().squeeze(-1).tolist():
+            teacher_of[int(pair_id[r])] = r
+    for r in range(len(row_kind)):
+        if r in placed:
+            continue
+        if int(row_kind[r]) == STUDENT:
+            pid = int(pair_id[r]) if pair_id is not None else -1
+            if pid not in teacher_of:
+                raise ValueError(f"TrainBatch row {r} is a mutual-learning student without a teacher row "
+                                 f"(pair_id {pid})")
+            units.append([r, teacher_of[pid]])
+            placed.update(units[-1])
+        elif int(row_kind[r]) == TEACHER:
+            continue  # placed with its student
+        else:
+            units.append([r])
+            placed.add(r)
+    if any(len(u) > micro_batch_size for u in units):
+        raise ValueError(f"train.micro_batch_size={micro_batch_size} cannot hold a mutual-learning pair (need >= 2)")
+    micro: list[list[int]] = [[]]
+    for u in units:
+        if len(micro[-1]) + len(u) > micro_batch_size:
+            micro.append([])
+        micro[-1].extend(u)
+    return [m for m in micro if m]
+
+
+def _take(t: Optional[torch.Tensor], rows: list[int], n: int, fill: float = 0.0) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    out = t[rows]
+    if len(rows) < n:
+        pad = torch.full((n - len(rows),) + tuple(t.shape[1:]), fill, dtype=t.dtype)
+        out = torch.cat([out, pad])
+    return out
+
+
+def split_batch(batch: TrainBatch, micro_batch_size: int, pad_id: int) -> tuple[list[MicroBatch], list[list[int]]]:
+    """Micro-batches of exactly micro_batch_size rows (pipeline shapes must not vary); padding rows score nothing."""
+    groups = pack_rows(batch.row_kind, batch.pair_id, micro_batch_size)
+    n = micro_batch_size
+    labels = torch.full_like(batch.tokens, pad_id)
+    labels[:, :-1] = batch.tokens[:, 1:]
+    micro = []
+    for rows in groups:
+        kind = _take(batch.row_kind, rows, n, GRPO)
+        partner = torch.full((n,), -1, dtype=torch.long)
+        if batch.pair_id is not None:
+            local = {r: i for i, r in enumerate(rows)}
+            for i, r in enumerate(rows):
+                if int(batch.row_kind[r]) == STUDENT:
+                    pid = int(batch.pair_id[r])
+                    partner[i] = next(local[q] for q in rows if int(batch.row_kind[q]) == TEACHER
+                                      and int(batch.pair_id[q]) == pid)
+        micro.append(MicroBatch(
+            tokens=_take(batch.tokens, rows, n, pad_id), labels=_take(labels, rows, n, pad_id),
+            loss_mask=_take(batch.loss_mask, rows, n, 0.0), row_kind=kind,
+            advantages=_take(batch.advantages, rows, n, 0.0), partner=partner,
+            old_logprobs=_take(batch.old_logprobs, rows, n), rollout_logprobs=_take(batch.rollout_logprobs, rows, n),
+            ref_logprobs=_take(batch.ref_logprobs, rows, n)))
+    return micro, groups
+
+
+class Trainer:
+    """Runs Megatron's forward/backward schedule on TrainBatches for one model replica."""
+
+    def __init__(self, state: TrainState, algo: AlgoConfig, *, micro_batch_size: int, pad_id: int):
+        from megatron.core import parallel_state as ps
+
+        self.state, self.algo = state, algo
+        self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.is_last = ps.is_pipeline_last_stage()
+        self.last_rank = ps.get_pipeline_model_parallel_last_rank()
+
+    def _schedule(self, fwd, micro: list[MicroBatch], forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        model = self.state.model
+        it = iter(micro) if len(model) == 1 else [iter(micro) for _ in model]
+        return get_forward_backward_func()(
+            forward_step_func=fwd, data_iterator=it, model=model, num_microbatches=len(micro),
+            seq_length=micro[0].tokens.shape[1], micro_batch_size=self.micro_batch_size, forward_only=forward_only)
+
+    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """[B, T] fp32 log-probs of each next token under the current weights (no grad), on every PP rank."""
+        micro, groups = split_batch(batch, self.micro_batch_size, self.pad_id)
+        for chunk in self.state.model:
+            chunk.eval()
+        with torch.no_grad():
+            outs = self._schedule(logprob_forward_step(self.tp_group), micro, forward_only=True)
+        for chunk in self.state.model:
+            chunk.train()
+        result = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+        if self.is_last:
+            for rows, out in zip(groups, outs):
+                result[rows] = out["logprobs"][: len(rows)].float().cpu()
+        if dist.get_world_size(self.pp_group) > 1:
+            dist.broadcast(result, src=self.last_rank, group=self.pp_group)
+        return result
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """Forward/backward over all micro-batches, one optimizer step; metrics summed over the step."""
+        micro, _ = split_batch(batch, self.micro_batch_size, self.pad_id)
+        norm = step_normalisers(micro, self.algo, self.dp_group)
+        dp = dist.get_world_size(self.dp_group)
+        fwd = make_forward_step(norm, self.algo, num_microbatches=len(micro), dp_size=dp, tp_group=self.tp_group)
+        zero_grads(self.state)
+        outs = self._schedule(fwd, micro, forward_only=False)
+        ok, grad_norm, _ = self.state.optimizer.step()
+        metrics = self._reduce(outs)
+        metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["train/update_skipped"] = 0.0 if ok else 1.0
+        return metrics
+
+    def _reduce(self, outs: list[dict]) -> dict[str, float]:
+        """Sum-form metrics: summed over micro-batches, then over DP; broadcast to every PP rank."""
+        box: list[Optional[dict]] = [None]
+        if self.is_last:
+            keys = {k for o in outs for k in o}
+            if dist.get_world_size(self.dp_group) > 1:  # ranks may lack a term (no pairs, no SFT rows)
+                every: list = [None] * dist.get_world_size(self.dp_group)
+                dist.all_gather_object(every, keys, group=self.dp_group)
+                keys = set().union(*every)
+            keys = sorted(keys)
+            vec = torch.tensor([sum(float(o[k]) for o in outs if k in o) for k in keys], dtype=torch.float64)
+            if dist.get_world_size(self.dp_group) > 1:
+                dist.all_reduce(vec, group=self.dp_group)
+            box[0] = dict(zip(keys, vec.tolist()))
+        if dist.get_world_size(self.pp_group) > 1:
+            dist.broadcast_object_list(box, src=self.last_rank, group=self.pp_group)
+        return dict(box[0] or {})

@@ -1,0 +1,137 @@
+"""A whole MEML train step (GRPO + mutual-learning pairs + SFT rows in one batch) gives the same parameter
+gradients at TP=2, PP=2 and DP=2 as one process, and the same with 1 or several micro-batches (fp32, 1e-5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+from tests.megatron_models import init_parallel, load_model, save_model, tiny_arch, tiny_model_config
+
+pytestmark = pytest.mark.distributed
+TOL = 1e-5
+T, PAD = 14, 0
+LAYERS = tiny_model_config().num_layers
+
+
+def mixed_batch(algo_kind: str):
+    """4 GRPO rows, 2 mutual-learning pairs, 2 SFT rows (teacher rows placed away from their students)."""
+    from megatron_meml.training.forward_step import GRPO, SFT, STUDENT, TEACHER
+    from megatron_meml.types import TrainBatch
+
+    g = torch.Generator().manual_seed(3)
+    kinds = [GRPO, STUDENT, GRPO, SFT, STUDENT, GRPO, TEACHER, SFT, GRPO, TEACHER]
+    pair = [-1, 0, -1, -1, 1, -1, 1, -1, -1, 0]
+    b = len(kinds)
+    tokens = torch.randint(1, 64, (b, T), generator=g)
+    mask = torch.zeros(b, T)
+    for r in range(b):
+        start = 3 + r % 3
+        mask[r, start:T - 1 - r % 2] = 1.0
+    for s, t in ((1, 9), (4, 6)):  # a pair scores the same response O+ after different prompts
+        n = int(mask[s].sum())
+        mask[t] = 0.0
+        mask[t, 2:2 + n] = 1.0
+        tokens[t, 3:3 + n] = tokens[s, mask[s].nonzero()[:, 0] + 1]
+    adv = torch.tensor([0.75, 0, -0.5, 0, 0, 0.25, 0, 0, 1.0, 0])
+    old = -torch.rand(b, T, generator=g) * 3
+    rollout = old + 0.05 * torch.randn(b, T, generator=g)
+    return TrainBatch(tokens=tokens, loss_mask=mask, row_kind=torch.tensor(kinds), advantages=adv,
+                      old_logprobs=old, rollout_logprobs=rollout, pair_id=torch.tensor(pair))
+
+
+def _algo(algo_kind):
+    from megatron_meml.algo.config import AlgoConfig
+
+    if algo_kind == "paper":
+        return AlgoConfig(lambda_kl=0.7, lambda_sft=0.3)
+    return AlgoConfig(policy_loss="clipped", clip_low=0.1, clip_high=0.3, mutual_kind="token",
+                      aggregation="seq_mean_token_mean", lambda_kl=0.7, lambda_sft=0.3)
+
+
+def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs):
+    """Build at (tp, pp), load the reference weights, run one train step; return {global name: grad}."""
+    from megatron.core import parallel_state as ps
+    from megatron_meml.parallel import ParallelConfig
+    from megatron_meml.training.config import TrainConfig
+    from megatron_meml.training.setup import setup_training, unwrap
+    from megatron_meml.training.trainer import Trainer, pack_rows
+    from megatron_meml.types import TrainBatch
+
+    init_parallel(tp, pp)
+    par = ParallelConfig(tp=tp, pp=pp, distributed_optimizer=False)
+    state = setup_training(tiny_arch(), tiny_model_config(), par, TrainConfig(grad_clip=0.0), lr=1e-3)
+    load_model(unwrap(state.model[0]), f"{tmp}/ckpt")
+    batch = mixed_batch(algo_kind)
+    if dp > 1:  # units (pairs kept together) dealt round-robin to DP ranks
+        units = pack_rows(batch.row_kind, batch.pair_id, 2)
+        rows = sorted(r for i, u in enumerate(units) if i % dp == dp_rank for r in u)
+        batch = TrainBatch(tokens=batch.tokens[rows], loss_mask=batch.loss_mask[rows],
+                           row_kind=batch.row_kind[rows], advantages=batch.advantages[rows],
+                           old_logprobs=batch.old_logprobs[rows], rollout_logprobs=batch.rollout_logprobs[rows],
+                           pair_id=batch.pair_id[rows])
+    trainer = Trainer(state, _algo(algo_kind), micro_batch_size=mbs, pad_id=PAD)
+    metrics = trainer.train_step(batch)
+    offset = ps.get_pipeline_model_parallel_rank() * (LAYERS // pp)
+    out = {}
+    for name, p in unwrap(state.model[0]).named_parameters():
+        if name.startswith("decoder.layers."):
+            parts = name.split(".")
+            parts[2] = str(int(parts[2]) + offset)
+            name = ".".join(parts)
+        out[name] = (p.main_grad.clone(), p)
+    return out, metrics
+
+
+def _full_shard(name, full, param, tp, rank):
+    """The slice of a TP=1 tensor that TP rank ``rank`` holds (fc1 = [gate_r; up_r])."""
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if name.endswith("mlp.linear_fc1.weight"):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, 0)[rank], up.chunk(tp, 0)[rank]])
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def _reference(rank, world, tmp, algo_kind):
+    from megatron_meml.model.provider import build_model
+
+    par = init_parallel(1, 1)
+    save_model(build_model(tiny_arch(), tiny_model_config(), par), f"{tmp}/ckpt")
+    torch.distributed.barrier()
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    grads, metrics = _grads(tmp, algo_kind, 1, 1, 0, 1, mbs=10)
+    torch.save({"grads": {k: g for k, (g, _) in grads.items()}, "metrics": metrics}, f"{tmp}/ref_{algo_kind}.pt")
+
+
+def _check(rank, world, tmp, algo_kind, tp, pp, dp, mbs):
+    from megatron.core import parallel_state as ps
+
+    dp_rank = rank // (tp * pp) if dp > 1 else 0
+    grads, metrics = _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs)
+    ref = torch.load(f"{tmp}/ref_{algo_kind}.pt", weights_only=True)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    assert grads, "no parameters on this rank"
+    for name, (g, p) in grads.items():
+        want = _full_shard(name, ref["grads"][name], p, tp, tp_rank)
+        assert want.abs().max() > 0 or name.endswith("bias"), f"reference grad of {name} is zero"
+        torch.testing.assert_close(g, want, atol=TOL, rtol=0, msg=lambda m: f"{name}: {m}")
+    for key in ("train/loss", "train/pg_loss", "train/mutual_kl", "train/sft_nll"):
+        assert abs(metrics[key] - ref["metrics"][key]) <= TOL, (key, metrics[key], ref["metrics"][key])
+
+
+@pytest.fixture(scope="module", params=["paper", "clipped_token"])
+def reference(request, tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp(f"step_ref_{request.param}"))
+    run_distributed(_reference, 1, tmp, request.param, megatron=True)
+    return tmp, request.param
+
+
+@pytest.mark.parametrize("tp,pp,dp,mbs", [(1, 1, 1, 3), (2, 1, 1, 10), (1, 2, 1, 3), (1, 1, 2, 3)],
+                         ids=["microbatches4", "tp2", "pp2", "dp2"])
+def test_train_step_gradients_match_single_process(reference, tp, pp, dp, mbs):
+    tmp, algo_kind = reference
+    run_distributed(_check, tp * pp * dp, tmp, algo_kind, tp, pp, dp, mbs, megatron=True)
