@@ -13,6 +13,7 @@ PENDING = {
     "report": "run reports",
     "compare": "the toy reproduction of the paper's tables",
     "demo": "the embedded CPU default job",
+    "export": "Hugging Face export of a run (with --fp8: modelopt FP8 quantisation)",
 }
 
 
