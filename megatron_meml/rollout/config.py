@@ -22,7 +22,7 @@ class RolloutConfig:
     """Nucleus sampling threshold."""
     max_new_tokens: int = 256
     """Maximum response length in tokens."""
-    max_prompt_tokens: int = 512
+    max_prompt_tokens: int = 160
     """Longest prompt (system prompt + question, chat template included) in tokens; ``meml plan`` sizes
     training activations and the vLLM KV cache for max_prompt_tokens + max_new_tokens."""
     engine_mode: str = "auto"

@@ -125,3 +125,11 @@ def test_cli_exit_codes_and_table(capsys, tmp_path):
     assert main(["plan", RECIPE_70B, "model.hf_path=/nowhere/Mystery-9B", "--nodes", "8",
                  "--gpus-per-node", "8"]) == 2
     assert "'Mystery-9B' is not a built-in shape" in capsys.readouterr().err
+
+
+def test_embedded_default_plans_on_one_process():
+    p = plan(load_config("recipes/embedded-default.yaml"), Layout(nodes=1, gpus_per_node=1))
+    assert p.ok, p.errors
+    # per layer: 2 norms (2h) + proj (h*q) + qkv weight ((q + 2kv) * h) + qkv bias (q + 2kv) + fc1 (2f*h) + fc2 (f*h)
+    # with h = q = 128, kv = 64, f = 256; plus the final norm and untied embedding + output layer (2 * 64 * 128)
+    assert p.stages[0].params == 4 * (2 * 128 + 128 * 128 + 256 * 128 + 256 + 3 * 256 * 128) + 128 + 2 * 64 * 128
