@@ -120,16 +120,17 @@ class VLLMBackend:
         named = [(n, t.detach().to("cpu")) for n, t in named_tensors]
         self.expected.validate(named)  # raises before anything is pushed
         nbytes = sum(t.numel() * t.element_size() for _, t in named)
-        if self.tied:  # vLLM-CPU's in-place reload unties lm_head from the embedding: push it explicitly
-            named.append(("lm_head.weight", dict(named)["model.embed_tokens.weight"]))
+        # vLLM-CPU's in-place reload unties lm_head from the embedding: tied models push it explicitly.
         if self.mode == "inprocess":
+            if self.tied:
+                named.append(("lm_head.weight", dict(named)["model.embed_tokens.weight"]))
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named,
                                                               "is_checkpoint_format": True})
         else:
             from safetensors.torch import save
 
             data = save({n: t.contiguous() for n, t in named})
-            self.llm.collective_rpc("meml_load_safetensors_bytes", args=(data,))
+            self.llm.collective_rpc("meml_load_safetensors_bytes", args=(data, self.tied))
         self.llm.reset_prefix_cache()
         return nbytes
 

@@ -1,0 +1,144 @@
+"""Megatron weights (any TP/PP) -> Hugging Face-named tensors -> the rollout engine.
+
+Each tensor's TP shards are gathered (that tensor only) inside its stage's TP group of data-parallel replica 0;
+the stage leaders (TP rank 0 of replica 0 on each pipeline stage) send their tensors to the rollout rank
+(global rank 0) in safetensors buckets of ``rollout.sync_bucket_mb``, with global layer indices (so stages never
+collide on names). Names come from the conversion tables (``checkpoints_convert.mappings``), the same mapping
+the checkpoint converter uses. The engine validates the complete set before loading it, then resets its
+prefix cache (``VLLMBackend.update_weights``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from checkpoints_convert.mapping import gather_from_tp, to_global_name
+from checkpoints_convert.mappings import megatron_to_hf
+from megatron_meml.model.arch import ArchSpec
+from megatron_meml.model.hf_config import hf_config_dict
+
+ROLLOUT_RANK = 0
+
+
+def _unwrap(chunk: Any) -> Any:
+    return getattr(chunk, "module", chunk)
+
+
+def stage_hf_tensors(chunks: list[Any], arch: ArchSpec) -> Iterator[tuple[str, torch.Tensor]]:
+    """This stage's parameters as full HF tensors. Collective over the TP group (every TP rank must iterate);
+    only TP rank 0 receives non-empty results."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    group = ps.get_tensor_model_parallel_group()
+    for chunk in chunks:
+        for name, p in _unwrap(chunk).named_parameters():
+            if name == "output_layer.weight" and arch.tie_embeddings:
+                continue
+            data = p.detach()
+            if tp > 1 and getattr(p, "tensor_model_parallel", False):
+                shards = [torch.empty_like(data) for _ in range(tp)]
+                dist.all_gather(shards, data.contiguous(), group=group)
+                data = gather_from_tp(name, shards)
+            if tp_rank == 0:
+                yield from megatron_to_hf(arch, to_global_name(name, arch.num_layers, pp, pp_rank), data.cpu())
+
+
+def _send_bytes(payload: bytes, dst: int) -> None:
+    """Length, then the bytes (an empty payload, length 0, ends a stage's stream)."""
+    dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst)
+    if payload:
+        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst)
+
+
+def _recv_bytes(src: int) -> bytes:
+    n = torch.zeros(1, dtype=torch.int64)
+    dist.recv(n, src)
+    if int(n) == 0:
+        return b""
+    buf = torch.empty(int(n), dtype=torch.uint8)
+    dist.recv(buf, src)
+    return buf.numpy().tobytes()
+
+
+def collect_hf_weights(chunks: list[Any], arch: ArchSpec, *, bucket_mb: int = 256,
+                       dtype: Optional[torch.dtype] = None) -> Optional[list[tuple[str, torch.Tensor]]]:
+    """Collective over all ranks: the whole model as HF tensors on the rollout rank (None elsewhere)."""
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import load, save
+
+    if ps.get_data_parallel_rank() != 0:
+        return None
+    pp = ps.get_pipeline_model_parallel_world_size()
+    leader = ps.get_tensor_model_parallel_rank() == 0
+    me = dist.get_rank()
+    out: list[tuple[str, torch.Tensor]] = []
+    limit = bucket_mb << 20
+    bucket: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in stage_hf_tensors(chunks, arch):
+        t = t if dtype is None else t.to(dtype)
+        if me == ROLLOUT_RANK:
+            out.append((name, t))
+            continue
+        bucket[name] = t.contiguous()
+        size += t.numel() * t.element_size()
+        if size >= limit:
+            _send_bytes(save(bucket), ROLLOUT_RANK)
+            bucket, size = {}, 0
+    if leader and me != ROLLOUT_RANK:
+        if bucket:
+            _send_bytes(save(bucket), ROLLOUT_RANK)
+        _send_bytes(b"", ROLLOUT_RANK)  # end of this stage
+    if me == ROLLOUT_RANK:
+        for stage in range(1, pp):
+            src = _stage_leader(stage)
+            while payload := _recv_bytes(src):
+                out.extend(load(payload).items())
+        return out
+    return None
+
+
+def _stage_leader(stage: int) -> int:
+    """Global rank of (dp 0, tp 0, pp ``stage``): called on the rollout rank, whose pipeline group is exactly
+    those leaders."""
+    from megatron.core import parallel_state as ps
+
+    return dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[stage]
+
+
+def sync_weights(engine: Any, chunks: list[Any], arch: ArchSpec, *, bucket_mb: int = 256) -> dict[str, float]:
+    """Collective: push the current weights into ``engine`` (held by the rollout rank; None elsewhere)."""
+    t0 = time.perf_counter()
+    named = collect_hf_weights(chunks, arch, bucket_mb=bucket_mb)
+    t1 = time.perf_counter()
+    nbytes = 0
+    if named is not None and engine is not None:
+        nbytes = engine.update_weights(named)
+    t2 = time.perf_counter()
+    return {"weight_sync/seconds": t2 - t0, "weight_sync/gather_seconds": t1 - t0,
+            "weight_sync/engine_seconds": t2 - t1, "weight_sync/bytes": float(nbytes)}
+
+
+def write_hf_dir(out: Path, arch: ArchSpec, named: list[tuple[str, torch.Tensor]], tokenizer: Any, *,
+                 dtype: str = "float32") -> Path:
+    """A Hugging Face model directory (config.json, model.safetensors, tokenizer) that vLLM can start from."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = hf_config_dict(arch, dtype=dtype, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
+                         pad=tokenizer.pad_token_id)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": tokenizer.eos_token_id,
+                                                            "pad_token_id": tokenizer.pad_token_id,
+                                                            "bos_token_id": tokenizer.bos_token_id}))
+    save_file({n: t.contiguous() for n, t in named}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(out))
+    return out
