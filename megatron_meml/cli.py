@@ -10,7 +10,6 @@ PENDING = {
     "sft": "stage 1 (MEF) training",
     "train": "stage 2 (RIEL) training",
     "eval": "evaluation",
-    "report": "run reports",
     "compare": "the toy reproduction of the paper's tables",
     "demo": "the embedded CPU default job",
     "export": "Hugging Face export of a run (with --fp8: modelopt FP8 quantisation)",
@@ -29,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--nodes", type=int, required=True, help="SLURM nodes")
     pl.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
     pl.add_argument("--gpu-mem-gb", type=float, default=80.0, help="usable memory per GPU in GiB (default 80)")
+    rp = sub.add_parser("report", help="plots and summary.md of a run directory (written to RUN_DIR/report/)")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
     for name, what in PENDING.items():
         s = sub.add_parser(name, help=f"{what} (not yet available)")
         s.add_argument("args", nargs="*")
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_meml.plan import run_plan
 
         return run_plan(args.recipe, args.overrides, args.nodes, args.gpus_per_node, args.gpu_mem_gb)
+    if args.cmd == "report":
+        return _report(args.run_dir)
     if args.cmd == "config":
         try:
             cfg = load_config(args.recipe, args.overrides)
@@ -53,6 +56,20 @@ def main(argv: list[str] | None = None) -> int:
           "(MEF SFT stage, RIEL loop, evaluation). Today the package provides the config system, the "
           "Megatron model provider and trainer set-up, data/verifiers, the loss modules and the hard-example "
           "store; `make test` exercises them.", file=sys.stderr)
+    return 0
+
+
+def _report(run_dir: str) -> int:
+    from megatron_meml.report import write_report
+
+    try:
+        paths = write_report(run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"meml report: {e}", file=sys.stderr)
+        return 2
+    print(f"meml report: wrote {len(paths)} files to {paths[-1].parent}")
+    for p in paths:
+        print(f"  {p}")
     return 0
 
 

@@ -1,0 +1,143 @@
+"""Run report: plots for the series present, summary.md values, the compare table, and `meml report`."""
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib.image
+import pytest
+
+from megatron_meml.cli import main
+from megatron_meml.metrics import MetricsLogger
+from megatron_meml.metrics_config import LoggingConfig
+from megatron_meml.report import compare_stats, final_eval, write_compare_table, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _full_run(run_dir):
+    """3 experts; SFT 4 steps, RIEL 6 steps, eval at steps 3 and 6 on two benchmarks."""
+    with MetricsLogger(run_dir, LoggingConfig(tensorboard=False)) as log:
+        for s in range(1, 5):
+            log.log(s, {"train/sft_nll": 4.0 / s, "timing/train": 0.5}, stage="sft")
+        for s in range(1, 7):
+            m = {f"expert/{e}/reward_mean": min(1.0, 0.1 * e + 0.05 * s) for e in range(3)}
+            m |= {"reward/mean": 0.1 + 0.05 * s, "train/loss": 1.0 / s, "train/pg_loss": 0.8 / s,
+                  "train/mutual_kl": 0.2, "train/sft_nll": 0.3 + 0.1 * (s == 4), "train/mismatch_abs": 1e-3 * s,
+                  "train/mismatch_k3": 1e-6, "hard/size": float(2 * s % 7), "hard/admissions": float(s % 3),
+                  "timing/rollout": 2.0, "timing/train": 1.0 + s, "timing/step": 3.5 + s}
+            log.log(s, m, stage="train")
+            if s % 3 == 0:
+                log.log(s, {f"eval/{b}/{e}/accuracy": round(0.1 * e + 0.01 * s + (b == "mathqa") * 0.2, 4)
+                            for b in ("gsm8k", "mathqa") for e in range(3)} | {"eval/gsm8k/0/pass@4": 0.9},
+                        stage="eval")
+
+
+def _is_png(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    return True
+
+
+def test_full_run_writes_every_plot_and_the_summary(tmp_path):
+    _full_run(tmp_path)
+    paths = write_report(tmp_path)
+    assert [p.name for p in paths] == ["rewards.png", "losses.png", "sft_losses.png", "mismatch.png",
+                                       "hard_store.png", "timings.png", "sft_timings.png", "eval_accuracy.png",
+                                       "eval_final.png", "summary.md"]
+    assert all(p.parent == tmp_path / "report" for p in paths)
+    assert all(_is_png(p) for p in paths[:-1])
+    text = paths[-1].read_text()
+    # final and best values (losses: min, rewards and store size: max)
+    assert "| train | reward/mean | 0.4 | 0.4 (max) | 6 |" in text
+    assert "| train | expert/2/reward_mean | 0.5 | 0.5 (max) | 6 |" in text
+    assert "| train | train/loss | 0.1667 | 0.1667 (min) | 6 |" in text
+    assert "| train | train/sft_nll | 0.3 | 0.3 (min) | 1 |" in text
+    assert "| train | hard/size | 5 | 6 (max) | 3 |" in text  # 2, 4, 6, 1, 3, 5
+    assert "| sft | train/sft_nll | 1 | 1 (min) | 4 |" in text
+    # mean phase timings: rollout 2, train mean(2..7) = 4.5, total mean(4.5..9.5) = 7, 0.5 s outside any phase
+    assert "| train | 4.5 | 64.3% |" in text and "| rollout | 2 | 28.6% |" in text
+    assert "| (not in a phase timer) | 0.5 | 7.1% |" in text and "| **total** | 7 | |" in text
+    # the final eval table is the step-6 evaluation, expert x benchmark
+    assert "## Final evaluation (step 6)" in text
+    assert "| expert | gsm8k | mathqa |" in text
+    assert "| 1 | 0.160 | 0.360 |" in text
+    assert "### pass@4" in text and "| 0 | 0.900 |" in text
+
+
+def test_final_eval_takes_each_key_latest_value(tmp_path):
+    _full_run(tmp_path)
+    from megatron_meml.metrics import read_metrics
+
+    final = final_eval(read_metrics(tmp_path))
+    assert final["accuracy"]["2"] == {"gsm8k": pytest.approx(0.26), "mathqa": pytest.approx(0.46)}
+    assert final["pass@4"] == {"0": {"gsm8k": 0.9}}
+
+
+def test_only_present_series_are_plotted(tmp_path):
+    with MetricsLogger(tmp_path, LoggingConfig(tensorboard=False)) as log:
+        for s in (1, 2, 3):
+            log.log(s, {"train/sft_nll": 3.0 - s}, stage="sft")
+    paths = write_report(tmp_path)
+    assert [p.name for p in paths] == ["sft_losses.png", "summary.md"]
+    text = paths[-1].read_text()
+    assert "| sft | train/sft_nll | 0 | 0 (min) | 3 |" in text
+    assert "Final evaluation" not in text and "Mean time" not in text
+
+
+def test_report_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_report(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
+        write_report(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no metrics yet"):
+        write_report(tmp_path)
+
+
+def test_meml_report_command(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert f"run directory {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+    _full_run(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0
+    assert f"wrote 10 files to {tmp_path / 'report'}" in capsys.readouterr().out
+    assert (tmp_path / "report" / "rewards.png").is_file()
+
+
+ROWS = [
+    {"variant": "MoE-SFT-GRPO", "seed": 1, "acc_expert0": 0.05, "acc_best": 0.5},
+    {"variant": "MEML-GRPO", "seed": 1, "acc_expert0": 0.1, "acc_best": 0.6},
+    {"variant": "MoE-SFT-GRPO", "seed": 2, "acc_expert0": 0.05, "acc_best": 0.5},
+    {"variant": "MEML-GRPO", "seed": 2, "acc_expert0": 0.2, "acc_best": 0.6},
+    {"variant": "MoE-SFT-GRPO", "seed": 3, "acc_expert0": 0.11, "acc_best": 0.5},
+    {"variant": "MEML-GRPO", "seed": 3, "acc_expert0": 0.3, "acc_best": 0.9},
+    {"variant": "Expert0-SFT", "seed": 1, "acc_expert0": 0.4},
+]
+
+
+def test_compare_stats_against_hand_worked_numbers():
+    stats = compare_stats(ROWS)
+    assert list(stats) == ["MoE-SFT-GRPO", "MEML-GRPO", "Expert0-SFT"]
+    # 0.05, 0.05, 0.11: mean 0.07; deviations -.02, -.02, .04: sum of squares .0024 / (3-1) -> std sqrt(.0012)
+    mean, std, n = stats["MoE-SFT-GRPO"]["acc_expert0"]
+    assert (mean, std, n) == (pytest.approx(0.07), pytest.approx(math.sqrt(0.0012)), 3)
+    assert stats["MEML-GRPO"]["acc_expert0"][:2] == (pytest.approx(0.2), pytest.approx(0.1))
+    assert stats["MEML-GRPO"]["acc_best"][:2] == (pytest.approx(0.7), pytest.approx(math.sqrt(0.03)))
+    assert stats["Expert0-SFT"] == {"acc_expert0": (0.4, 0.0, 1)}
+    with pytest.raises(ValueError, match="row 0 needs 'variant' and 'seed'"):
+        compare_stats([{"variant": "x", "acc": 1.0}])
+
+
+def test_compare_table_and_plot(tmp_path):
+    md, png = write_compare_table(ROWS, tmp_path / "cmp")
+    assert (md.name, png.name) == ("compare.md", "compare.png") and _is_png(png)
+    lines = md.read_text().splitlines()
+    assert lines[0] == "Mean ± sample standard deviation over seeds (1, 2, 3)."
+    assert lines[2] == "| variant | seeds | acc_expert0 | acc_best |"
+    assert lines[4] == "| MoE-SFT-GRPO | 3 | 0.070 ± 0.035 | 0.500 ± 0.000 |"
+    assert lines[5] == "| MEML-GRPO | 3 | 0.200 ± 0.100 | 0.700 ± 0.173 |"
+    assert lines[6] == "| Expert0-SFT | 1 | 0.400 (one seed) | - |"
+    json.dumps(compare_stats(ROWS))  # plain data, ready for a results file
