@@ -48,7 +48,7 @@ tests_rc=${PIPESTATUS[0]}
 
 left=$((BUDGET_S - (SECONDS - start)))
 echo "== throughput benchmark (${left} s left)"
-timeout $((left + 15)) python3 bench/train_throughput.py --shapes qwen2.5-1.5b,qwen2.5-0.5b --variants a,c,b,c16 \
+timeout $((left + 15)) python3 bench/train_throughput.py --shapes qwen2.5-1.5b,qwen2.5-0.5b --variants a,c,b,ah,c16 \
   --seq 2048 --micro-batch 4 --micro-batches 2 --steps 5 --warmup 3 --threads 4 --budget-s "$left" \
   --child-timeout-s 150 --out "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
 bench_rc=${PIPESTATUS[0]}

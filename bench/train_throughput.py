@@ -1,16 +1,20 @@
 """Training throughput, MFU and peak memory: megatron_meml's GRPO step vs Megatron-Core's local spec vs HF, one run.
 
 Variants (random weights, same shape, same tokens per optimizer step; each runs in a fresh subprocess):
-  a     megatron_meml: layer spec 'sdpa' with model.fused_kernels, Megatron DDP + distributed optimizer,
-        get_forward_backward_func; the GRPO clipped-ratio loss (algo.losses.clipped_pg_loss) on token log-probs
-        from the chunked hidden-state path (algo.logprobs.vocab_parallel_logprobs_from_hidden), so the
-        full-vocabulary logits are never materialised.
+  a     megatron_meml's GRPO train step as the trainer runs it: training.trainer.Trainer.train_step on a
+        TrainBatch of GRPO rows (clipped-ratio loss, old log-probs given), layer spec 'sdpa' with
+        model.fused_kernels, Megatron DDP + distributed optimizer, get_forward_backward_func. Log-probs come from
+        the output layer's logits through algo.logprobs.vocab_parallel_logprobs (chunked: logits stay in the
+        model dtype, fp32 only one chunk at a time).
+  ah    as a, with the chunked hidden-state path instead (algo.logprobs.vocab_parallel_logprobs_from_hidden:
+        the full-vocabulary logits are never materialised, in any dtype); same loss (algo.losses.clipped_pg_loss),
+        own forward step in this file, for comparison.
   b     Megatron-Core's local spec as shipped (no fusions), same DDP/optimizer/schedule, plain LM loss through
         GPTModel's vocab-parallel cross-entropy.
   c     Hugging Face transformers, attn_implementation="sdpa", plain causal-LM loss, torch AdamW, grad clip 1.0.
         On CUDA: fp32 weights under bf16 autocast (what HF Trainer's bf16=True does; fp32 master weights like
         Megatron's mixed precision). On CPU: fp32.
-  c16   (opt-in) as c with the weights themselves in bf16 (no fp32 master copy).
+  c16   as c with the weights themselves in bf16 (no fp32 master copy; fewer bytes moved, less precise).
 Precision: bf16 on CUDA (a, b: bf16 params, fp32 main params and grads in the optimizer), fp32 on CPU.
 
 One step = --micro-batches forward+backward passes of --micro-batch sequences of --seq tokens, then the
@@ -28,7 +32,8 @@ or --peak-tflops; not reported on CPU unless --peak-tflops is given.
 Usage:
   python bench/train_throughput.py                       # CPU: tiny shape, a b c, one thread per process
   python bench/train_throughput.py --shapes qwen2.5-1.5b,qwen2.5-0.5b --variants a,c,b,c16 --out results.json
-On CPU, Megatron needs the CPU shim: megatron_meml.model.cpu_compat (a no-op when CUDA is available).
+On CPU, Megatron needs the CPU shim: megatron_meml.model.cpu_compat (tests.megatron_cpu in older trees); it is
+never installed when CUDA is available.
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_H200_BF16_TFLOPS = 989.0
-VARIANTS = {"a": "meml-sdpa-grpo", "b": "mcore-local-lm", "c": "hf-sdpa-lm", "c16": "hf-sdpa-lm-bf16w"}
+VARIANTS = {"a": "meml-sdpa-grpo", "ah": "meml-sdpa-grpo-hid", "b": "mcore-local-lm", "c": "hf-sdpa-lm",
+            "c16": "hf-sdpa-lm-bf16w"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,7 +136,7 @@ class _HiddenHead(torch.nn.Module):
 
 
 def _grpo_forward_step(data_iterator, model, *, head, normaliser, tp_group):
-    """Megatron forward_step_func for (a): hidden states -> chunked log-probs -> clipped GRPO loss."""
+    """Megatron forward_step_func for (ah): hidden states -> chunked log-probs -> clipped GRPO loss."""
     from megatron_meml.algo.logprobs import vocab_parallel_logprobs_from_hidden
     from megatron_meml.algo.losses import clipped_pg_loss
     from megatron_meml.model.provider import causal_mask
@@ -173,8 +179,10 @@ def _megatron_setup(shape: Shape, spec: str, fused: bool):
     from megatron_meml.training.setup import setup_training
 
     if not torch.cuda.is_available():
-        from megatron_meml.model.cpu_compat import install_cpu_shim
-
+        try:
+            from megatron_meml.model.cpu_compat import install_cpu_shim
+        except ImportError:  # trees from before the shim moved into the package
+            from tests.megatron_cpu import install_cpu_shim
         install_cpu_shim()
     par = ParallelConfig(distributed_optimizer=True)
     init_distributed(par)
@@ -191,16 +199,42 @@ def _megatron_setup(shape: Shape, spec: str, fused: bool):
     return setup_training(arch_from_model_config(cfg), cfg, par, TrainConfig(grad_clip=1.0), lr=1e-6)
 
 
+def _trainer_step_fn(shape: Shape, args):
+    """(a): (step() = Trainer.train_step on a GRPO TrainBatch already on the device, parameter count)."""
+    from megatron_meml.algo.config import AlgoConfig
+    from megatron_meml.training.setup import param_count
+    from megatron_meml.training.trainer import Trainer
+    from megatron_meml.types import TrainBatch
+
+    state = _megatron_setup(shape, "sdpa", fused=True)
+    trainer = Trainer(state, AlgoConfig(policy_loss="clipped"), micro_batch_size=args.micro_batch, pad_id=0)
+    micro = _batches(shape, args, _device())
+    tokens = torch.cat([m[0] for m in micro])
+    batch = TrainBatch(tokens=tokens, loss_mask=torch.cat([m[3] for m in micro]),
+                       row_kind=torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device),
+                       advantages=torch.cat([m[2] for m in micro]),
+                       old_logprobs=torch.full(tokens.shape, -8.0, device=tokens.device))
+
+    def step() -> None:
+        metrics = trainer.train_step(batch)
+        if metrics["train/update_skipped"]:
+            raise RuntimeError("Megatron optimizer step was skipped (non-finite gradients)")
+
+    return step, param_count(state.model)
+
+
 def _megatron_step_fn(variant: str, shape: Shape, args):
-    """(a) or (b): (step() running one optimizer step of args.micro_batches micro-batches, parameter count)."""
+    """(ah) or (b): (step() running one optimizer step of args.micro_batches micro-batches, parameter count)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_meml.training.setup import param_count, unwrap, zero_grads
 
-    state = _megatron_setup(shape, "sdpa" if variant == "a" else "local", fused=variant == "a")
-    batches = _batches(shape, args, _device())
     if variant == "a":
+        return _trainer_step_fn(shape, args)
+    state = _megatron_setup(shape, "sdpa" if variant == "ah" else "local", fused=variant == "ah")
+    batches = _batches(shape, args, _device())
+    if variant == "ah":
         gpt = unwrap(state.model[0])
         head = _HiddenHead(gpt.output_layer)
         gpt.output_layer = head
@@ -270,7 +304,7 @@ def run_child(variant: str, shape_name: str, args) -> dict:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step, n_params = (_megatron_step_fn if variant in ("a", "b") else _hf_step_fn)(variant, shape, args)
+    step, n_params = (_hf_step_fn if variant.startswith("c") else _megatron_step_fn)(variant, shape, args)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
         step()
@@ -346,7 +380,7 @@ def _report(rows: list[dict], args) -> list[str]:
                          f"assumes {want}")
     for shape in dict.fromkeys(r["shape"] for r in rows):
         ok = {r["variant"]: r for r in rows if r["shape"] == shape and "error" not in r}
-        for num, den in (("a", "c"), ("a", "b"), ("a", "c16")):
+        for num, den in (("a", "c"), ("a", "b"), ("a", "c16"), ("ah", "a"), ("ah", "c")):
             if num in ok and den in ok:
                 t = ok[num]["tokens_per_s"] / ok[den]["tokens_per_s"]
                 m = ok[num]["peak_mib"] / ok[den]["peak_mib"]
