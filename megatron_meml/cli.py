@@ -7,12 +7,13 @@ import sys
 from megatron_meml.config import ConfigError, load_config, to_yaml
 
 PENDING = {
-    "sft": "stage 1 (MEF) training",
-    "train": "stage 2 (RIEL) training",
-    "eval": "evaluation",
     "compare": "the toy reproduction of the paper's tables",
-    "demo": "the embedded CPU default job",
     "export": "Hugging Face export of a run (with --fp8: modelopt FP8 quantisation)",
+}
+STAGES = {
+    "sft": "stage 1 (MEF): SFT of every expert prompt on its gold / teacher answers",
+    "train": "stage 2 (RIEL): RL with inter-expert mutual learning and hard-example replay",
+    "eval": "greedy accuracy and pass@k per expert prompt on the held-out problems",
 }
 
 
@@ -28,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--nodes", type=int, required=True, help="SLURM nodes")
     pl.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
     pl.add_argument("--gpu-mem-gb", type=float, default=80.0, help="usable memory per GPU in GiB (default 80)")
+    for name, what in STAGES.items():
+        st = sub.add_parser(name, help=what)
+        st.add_argument("recipe")
+        st.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
+        if name == "eval":
+            st.add_argument("--checkpoint", default=None, help="Megatron model directory (default: model.megatron_path)")
     rp = sub.add_parser("report", help="plots and summary.md of a run directory (written to RUN_DIR/report/)")
     rp.add_argument("run_dir", metavar="RUN_DIR")
     for name, what in PENDING.items():
@@ -44,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_plan(args.recipe, args.overrides, args.nodes, args.gpus_per_node, args.gpu_mem_gb)
     if args.cmd == "report":
         return _report(args.run_dir)
+    if args.cmd in STAGES:
+        return _stage(args)
     if args.cmd == "config":
         try:
             cfg = load_config(args.recipe, args.overrides)
@@ -56,6 +65,29 @@ def main(argv: list[str] | None = None) -> int:
           "(MEF SFT stage, RIEL loop, evaluation). Today the package provides the config system, the "
           "Megatron model provider and trainer set-up, data/verifiers, the loss modules and the hard-example "
           "store; `make test` exercises them.", file=sys.stderr)
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> int:
+    import logging
+
+    from megatron_meml import stages
+    from megatron_meml.checkpoint import CheckpointError
+    from megatron_meml.data.rows import DataError
+    from megatron_meml.run import RunError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        if args.cmd == "sft":
+            print(f"meml sft: model written to {stages.run_sft(cfg)}")
+        elif args.cmd == "train":
+            print(f"meml train: model written to {stages.run_train(cfg)}")
+        else:
+            stages.run_eval(cfg, args.checkpoint)
+    except (ConfigError, CheckpointError, DataError, RunError, FileNotFoundError) as e:
+        print(f"meml {args.cmd}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

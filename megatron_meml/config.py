@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megatron_meml.algo.config import AlgoConfig
 from megatron_meml.checkpoint_config import CheckpointConfig
 from megatron_meml.data.config import DataConfig
+from megatron_meml.evaluate import EvalConfig
 from megatron_meml.experts_config import ExpertsConfig
 from megatron_meml.hard_examples.config import HardExampleConfig
 from megatron_meml.metrics_config import LoggingConfig
@@ -62,6 +63,8 @@ class MemlConfig:
     """Hard-example store."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser, batch sizes, steps."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and location."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

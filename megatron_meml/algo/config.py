@@ -45,9 +45,15 @@ class AlgoConfig:
     """lambda1: weight of the mutual-learning term."""
     lambda_sft: float = 1.0
     """lambda2: weight of the hard-example SFT term."""
+    sft_aggregation: str = "token_mean"
+    """SFT/MEF NLL normalisation: token_mean, seq_mean_token_mean (each sequence weighs the same, so short styles
+    are not starved by long ones) or seq_mean_token_sum (the paper's sum of log-probs per sequence)."""
+    mutual_min_gap: float = 0.0
+    """Mutual learning pairs only experts whose mean rewards differ by more than this."""
 
     def __post_init__(self) -> None:
         checks = (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("aggregation", AGGREGATIONS),
+                  ("sft_aggregation", AGGREGATIONS),
                   ("mutual_kind", MUTUAL_KINDS), ("kl_type", KL_TYPES))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:

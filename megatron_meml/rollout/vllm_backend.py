@@ -63,6 +63,7 @@ class VLLMBackend:
         self.tied = bool(hf_cfg.get("tie_word_embeddings", False)) and "lm_head.weight" not in self.expected.shapes
         self.on_cpu = not torch.cuda.is_available()
         self._sleeping = False
+        self._arena = None  # SharedArena of the multiprocess weight path, made on the first push
         # vLLM reads this switch from the environment when the engine is built; it is the library's API.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.mode == "multiprocess" else "0"
         from vllm import LLM
@@ -90,9 +91,13 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        seed = spec.seed
+        if self.on_cpu and seed is not None:  # per-request seeds break vLLM-CPU's sampler: reseed the engine
+            self.llm.collective_rpc("meml_reseed", args=(int(seed),))
+            seed = None
         params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
                                 max_tokens=spec.max_tokens, stop_token_ids=list(spec.stop_token_ids),
-                                seed=spec.seed, logprobs=0)
+                                seed=seed, logprobs=0)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                  use_tqdm=False)
         result: list[Completion] = []
@@ -126,11 +131,14 @@ class VLLMBackend:
                 named.append(("lm_head.weight", dict(named)["model.embed_tokens.weight"]))
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named,
                                                               "is_checkpoint_format": True})
-        else:
-            from safetensors.torch import save
+        else:  # the engine's own process: through shared memory, only the manifest goes over the RPC
+            if self._arena is None:
+                from megatron_meml.rollout.vllm_worker import SharedArena
 
-            data = save({n: t.contiguous() for n, t in named})
-            self.llm.collective_rpc("meml_load_safetensors_bytes", args=(data, self.tied))
+                self._arena = SharedArena()
+            manifest = self._arena.write(named)
+            self.llm.collective_rpc("meml_load_shared", args=(self._arena.path, self._arena.nbytes, manifest,
+                                                              self.tied))
         self.llm.reset_prefix_cache()
         return nbytes
 
@@ -146,6 +154,9 @@ class VLLMBackend:
             self._sleeping = False
 
     def shutdown(self) -> None:
+        if getattr(self, "_arena", None) is not None:
+            self._arena.close()
+            self._arena = None
         llm = getattr(self, "llm", None)
         if llm is None:
             return

