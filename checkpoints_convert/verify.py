@@ -113,8 +113,8 @@ def _forward_step(data_iterator, model):
     from megatron_meml.model.provider import causal_mask
 
     tokens = next(data_iterator)
-    t = tokens.shape[1]
-    return model(tokens, torch.arange(t)[None], causal_mask(t)), None
+    t, dev = tokens.shape[1], tokens.device
+    return model(tokens, torch.arange(t, device=dev)[None], causal_mask(t, dev)), None
 
 
 def megatron_logits(model, ids: torch.Tensor) -> Optional[torch.Tensor]:
@@ -123,13 +123,14 @@ def megatron_logits(model, ids: torch.Tensor) -> Optional[torch.Tensor]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
+    ids = ids.to(next(model.parameters()).device)
     with torch.no_grad():
         out = get_forward_backward_func()(forward_step_func=_forward_step, data_iterator=iter([ids]), model=[model],
                                           num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=1,
                                           forward_only=True)
     if not ps.is_pipeline_last_stage():
         return None
-    return gather_from_tensor_model_parallel_region(out[0])[0].float()
+    return gather_from_tensor_model_parallel_region(out[0])[0].float().cpu()
 
 
 def _load(model, ckpt: str) -> None:
