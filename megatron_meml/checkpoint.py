@@ -20,8 +20,9 @@ import torch.distributed as dist
 from megatron_meml.training.setup import TrainState, unwrap
 
 LATEST = "latest"
-OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-"""Distributed-optimizer state in the canonical per-parameter form, so it reloads at another TP/PP/DP."""
+OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""Distributed-optimizer state as its DP shards (reloads at another DP size; the model weights reshard freely).
+The fully reshardable format fails to load with torch's AdamW (no apex/TE) in megatron-core 0.16.1."""
 RUN_STATE = "run_state.json"
 
 
@@ -71,7 +72,7 @@ def save_checkpoint(root: Path, step: int, state: TrainState, run_state: dict[st
     if store is not None:
         store.save(partial / "hard_examples")
     if _rank() == 0:
-        rs = dict(run_state, step=step, with_optimizer=with_optimizer)
+        rs = dict(run_state, step=step, with_optimizer=with_optimizer, adam_step=adam_step(state.optimizer))
         (partial / RUN_STATE).write_text(json.dumps(rs))
     _barrier()
     if _rank() == 0:
@@ -89,6 +90,48 @@ def _prune(root: Path, keep_last: int) -> None:
     steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _materialise_adam_state(optimizer: Any) -> None:
+    """Create the optimizer state before loading into it (Megatron's state_dict() of a torch AdamW that has not
+    stepped has no 'step' entries and fails an assertion): one Adam step on zero gradients, as Megatron does for
+    its fully reshardable format; the checkpoint then overwrites params, moments and step."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or any(inner.state.values()):
+            continue
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()  # noqa: SLF001 - Megatron's own initialiser
+        else:
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+            inner.step()
+            inner.zero_grad()
+
+
+def _inner_states(optimizer: Any):
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None:
+            yield from inner.state.values()
+
+
+def adam_step(optimizer: Any) -> float:
+    """The Adam update count (bias correction) of a torch AdamW inside Megatron's optimizer; 0 if none."""
+    for st in _inner_states(optimizer):
+        if isinstance(st.get("step"), torch.Tensor):
+            return float(st["step"])
+    return 0.0
+
+
+def _restore_adam_step(optimizer: Any, step: float) -> None:
+    """megatron-core 0.16.1's distributed-optimizer load (torch AdamW, no apex/TE) neither restores the Adam step
+    count nor keeps one tensor per parameter (it assigns one shared tensor, which AdamW would then advance once
+    per parameter). Both broke bit-exact resume (caught by tests/e2e); set the saved count, one tensor each."""
+    for st in _inner_states(optimizer):
+        if "step" in st:
+            st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
@@ -111,13 +154,16 @@ def load_checkpoint(path: Path, state: TrainState, *, load_optimizer: bool = Tru
     sd = _model_sd(state.model)
     want_opt = load_optimizer and run_state.get("with_optimizer", False)
     if want_opt:
+        _materialise_adam_state(state.optimizer)
         sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_FORMAT)
     loaded = dist_checkpointing.load(sd, str(path))
     for i, chunk in enumerate(state.model):
         key = "model" if len(state.model) == 1 else f"model{i}"
         unwrap(chunk).load_state_dict(loaded[key], strict=False)
     if want_opt:
-        state.optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # copies into the fp32 main params, which are leaves that require grad
+            state.optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_step(state.optimizer, float(run_state.get("adam_step", 0.0)))
     else:
         state.optimizer.reload_model_params()
     return run_state

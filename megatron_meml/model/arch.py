@@ -106,7 +106,7 @@ def arch_from_hf_config(hf: dict[str, Any], source: str = "config.json") -> Arch
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)), rope_theta=float(theta),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=(family == "qwen2") or bool(hf.get("attention_bias", False)),
-        rope_scaling=_rope_scaling(hf.get("rope_scaling") and scaling, source))
+        rope_scaling=_rope_scaling(scaling, source))
 
 
 def load_hf_config(path: str | Path) -> dict[str, Any]:
