@@ -3,7 +3,7 @@ vLLM's in-place ``reload_weights`` (plain ``load_weights`` silently does nothing
 repacked), from a shared-memory arena (the multiprocess path: one copy in the trainer, none in the worker),
 safetensors bytes or a safetensors file.
 
-The arena is one file in /dev/shm (the temp directory where there is none), mapped ``MAP_SHARED`` by both sides
+The arena is one file in /dev/shm (the temp directory where that has no room), mapped ``MAP_SHARED`` by both sides
 and kept mapped between pushes, so its pages are faulted in once. The trainer side copies each tensor into it and
 sends only the manifest over the engine RPC: ``[(name, dtype name, shape, byte offset), ...]``.
 """
@@ -47,12 +47,10 @@ class SharedArena:
     """Trainer side: the file the worker maps; ``write`` copies tensors in and returns their manifest."""
 
     def __init__(self) -> None:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        fd, self.path = tempfile.mkstemp(prefix="meml_weights_", suffix=".bin", dir=base)
-        os.close(fd)
+        self.path = ""
         self.nbytes = 0
         self._buf: Optional[torch.Tensor] = None
-        self._unlink = weakref.finalize(self, _unlink, self.path)  # also at interpreter exit
+        self._unlink = weakref.finalize(self, lambda: None)
 
     def write(self, named: list[tuple[str, torch.Tensor]]) -> Manifest:
         manifest: Manifest = []
@@ -61,7 +59,9 @@ class SharedArena:
             manifest.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), off))
             off += _aligned(t.numel() * t.element_size())
         if self._buf is None or off > self.nbytes:
-            self._buf, self.nbytes = None, off
+            self.close()
+            self.path, self.nbytes = _reserve(off), off
+            self._unlink = weakref.finalize(self, _unlink, self.path)  # also at interpreter exit
             self._buf = _map(self.path, off)
         for (_, t), (_, view) in zip(named, arena_views(self._buf, manifest)):
             view.copy_(t)
@@ -70,6 +70,26 @@ class SharedArena:
     def close(self) -> None:
         self._buf = None
         self._unlink()
+
+
+def _reserve(nbytes: int) -> str:
+    """A new file of ``nbytes`` with its space allocated: in /dev/shm when it has room (a container's default
+    /dev/shm is 64 MB, and touching an unbacked page of a full tmpfs kills the process), else the temp dir."""
+    bases = [d for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d)]
+    for base in bases:
+        fd, path = tempfile.mkstemp(prefix="meml_weights_", suffix=".bin", dir=base)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:
+                os.ftruncate(fd, nbytes)
+            return path
+        except OSError:
+            os.unlink(path)
+        finally:
+            os.close(fd)
+    raise OSError(f"no room for a {nbytes / 2**20:.0f} MiB weight-sync file in {' or '.join(bases)}: free space "
+                  "there (or enlarge /dev/shm, e.g. docker run --shm-size)")
 
 
 def _unlink(path: str) -> None:

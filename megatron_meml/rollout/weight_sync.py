@@ -1,16 +1,17 @@
 """Megatron weights (any TP/PP) -> Hugging Face-named tensors -> the rollout engine.
 
-Each tensor's TP shards are gathered (that tensor only) inside its stage's TP group of data-parallel replica 0;
-the stage leaders (TP rank 0 of replica 0 on each pipeline stage) send their tensors to the rollout rank
-(global rank 0) in safetensors buckets of ``rollout.sync_bucket_mb``, with global layer indices (so stages never
-collide on names). Names come from the conversion tables (``checkpoints_convert.mappings``), the same mapping
-the checkpoint converter uses. The engine validates the complete set before loading it, then resets its
-prefix cache (``VLLMBackend.update_weights``).
+Each tensor's TP shards are gathered (that tensor only, point-to-point to TP rank 0) inside its stage's TP group
+of data-parallel replica 0; the stage leaders (TP rank 0 of replica 0 on each pipeline stage) send their tensors
+to the rollout rank (global rank 0) in safetensors buckets of ``rollout.sync_bucket_mb``, with global layer
+indices (so stages never collide on names). Names come from the conversion tables
+(``checkpoints_convert.mappings``), the same mapping the checkpoint converter uses. The engine validates the
+complete set before loading it, then resets its prefix cache (``VLLMBackend.update_weights``).
 """
 from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -29,26 +30,50 @@ def _unwrap(chunk: Any) -> Any:
     return getattr(chunk, "module", chunk)
 
 
-def stage_hf_tensors(chunks: list[Any], arch: ArchSpec) -> Iterator[tuple[str, torch.Tensor]]:
+def stage_hf_tensors(chunks: list[Any], arch: ArchSpec, *,
+                     window_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
     """This stage's parameters as full HF tensors. Collective over the TP group (every TP rank must iterate);
     only TP rank 0 receives non-empty results."""
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
-    tp_rank = ps.get_tensor_model_parallel_rank()
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    group = ps.get_tensor_model_parallel_group()
-    for chunk in chunks:
-        for name, p in _unwrap(chunk).named_parameters():
-            if name == "output_layer.weight" and arch.tie_embeddings:
-                continue
-            data = p.detach()
-            if tp > 1 and getattr(p, "tensor_model_parallel", False):
-                shards = [torch.empty_like(data) for _ in range(tp)]
-                dist.all_gather(shards, data.contiguous(), group=group)
-                data = gather_from_tp(name, shards)
-            if tp_rank == 0:
-                yield from megatron_to_hf(arch, to_global_name(name, arch.num_layers, pp, pp_rank), data.cpu())
+    params = [(name, p) for chunk in chunks for name, p in _unwrap(chunk).named_parameters()
+              if not (name == "output_layer.weight" and arch.tie_embeddings)]
+    gathered = _tp_gathered(params, tp, ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group(),
+                            window_bytes)
+    for name, data in gathered:
+        yield from megatron_to_hf(arch, to_global_name(name, arch.num_layers, pp, pp_rank), data.cpu())
+
+
+def _tp_gathered(params: list[tuple[str, Any]], tp: int, tp_rank: int, group: Any,
+                 window_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full Megatron tensor) of each parameter on TP rank 0; other TP ranks send their shards and yield
+    nothing. Point-to-point, as only TP rank 0 needs them (gloo's gather, a flat buffer then copies out, measured
+    about 1.7x slower on CPU); TP rank 0 posts its receives up to ``window_bytes`` ahead, so the transfer of the
+    next shards overlaps the concatenation and conversion of this one."""
+    def sharded(p: Any) -> bool:
+        return tp > 1 and getattr(p, "tensor_model_parallel", False)
+
+    if tp_rank != 0:
+        for _, p in params:
+            if sharded(p):
+                dist.send(p.detach().contiguous(), group=group, group_dst=0)
+        return
+    pending: deque = deque()  # (peer shard buffers, their receive works) per posted parameter, in order
+    posted = ahead = 0
+    for i, (name, p) in enumerate(params):
+        while posted < len(params) and (posted <= i or ahead < window_bytes):
+            q = params[posted][1]
+            bufs = [torch.empty_like(q.detach()) for _ in range(tp - 1)] if sharded(q) else []
+            pending.append((bufs, [dist.irecv(b, group=group, group_src=r) for r, b in enumerate(bufs, 1)]))
+            ahead += sum(b.numel() * b.element_size() for b in bufs)
+            posted += 1
+        bufs, works = pending.popleft()
+        for w in works:
+            w.wait()
+        ahead -= sum(b.numel() * b.element_size() for b in bufs)
+        yield name, (gather_from_tp(name, [p.detach().contiguous()] + bufs) if bufs else p.detach())
 
 
 def _send_bytes(payload: bytes, dst: int) -> None:
@@ -83,7 +108,7 @@ def collect_hf_weights(chunks: list[Any], arch: ArchSpec, *, bucket_mb: int = 25
     limit = bucket_mb << 20
     bucket: dict[str, torch.Tensor] = {}
     size = 0
-    for name, t in stage_hf_tensors(chunks, arch):
+    for name, t in stage_hf_tensors(chunks, arch, window_bytes=limit):
         t = t if dtype is None else t.to(dtype)
         if me == ROLLOUT_RANK:
             out.append((name, t))
