@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	@OMP_NUM_THREADS=2 .venv/bin/meml demo recipes/embedded-default.yaml
+	@OMP_NUM_THREADS=2 .venv/bin/meml demo $(DEMO_ARGS)
 
 test: setup
 	@OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -7,7 +7,6 @@ import sys
 from megatron_meml.config import ConfigError, load_config, to_yaml
 
 PENDING = {
-    "compare": "the toy reproduction of the paper's tables",
     "export": "Hugging Face export of a run (with --fp8: modelopt FP8 quantisation)",
 }
 STAGES = {
@@ -35,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
         st.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
         if name == "eval":
             st.add_argument("--checkpoint", default=None, help="Megatron model directory (default: model.megatron_path)")
+    dm = sub.add_parser("demo", help="the embedded CPU default end to end: MEF SFT, RIEL, evaluation, report")
+    dm.add_argument("--recipe-dir", default=None, help="directory holding embedded-default[-mef].yaml "
+                                                        "(default: the repository's recipes/)")
+    dm.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. output_dir=/tmp/runs")
+    cp = sub.add_parser("compare", help="the paper's main/ablation table at toy scale (several seeds)")
+    cp.add_argument("--recipe-dir", default=None, help="directory holding embedded-default[-mef].yaml")
+    cp.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
+    cp.add_argument("--out", default=None, help="output directory (default <output_dir>/compare)")
+    cp.add_argument("overrides", nargs="*", help="overrides applied to every run, e.g. train.steps=20")
     rp = sub.add_parser("report", help="plots and summary.md of a run directory (written to RUN_DIR/report/)")
     rp.add_argument("run_dir", metavar="RUN_DIR")
     for name, what in PENDING.items():
@@ -53,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args.run_dir)
     if args.cmd in STAGES:
         return _stage(args)
+    if args.cmd == "compare":
+        from megatron_meml.compare import run_compare
+
+        return run_compare(args.recipe_dir, args.overrides, [int(x) for x in args.seeds.split(",")], args.out)
+    if args.cmd == "demo":
+        from megatron_meml.demo import run_demo
+
+        return run_demo(args.recipe_dir, args.overrides)
     if args.cmd == "config":
         try:
             cfg = load_config(args.recipe, args.overrides)

@@ -1,0 +1,88 @@
+"""`meml compare`: the paper's main and ablation table at toy scale, at equal rollout budget, over several seeds.
+
+Variants (each a `meml` subprocess, as a user would run it):
+  Expert0-SFT   MEF on the ground-truth expert only
+  MoE-SFT       MEF on all K experts (stage 1 of every RL variant below, one per seed)
+  MoE-SFT-GRPO  RL from MoE-SFT: K experts, standard GRPO (std-normalised advantages, clipped ratio), no MEML parts
+  MEML-GRPO     RL from MoE-SFT: the paper's objective + inter-expert mutual learning + hard-example SFT
+  MEML-no-IML   MEML-GRPO without mutual learning
+  MEML-no-HSFT  MEML-GRPO without hard-example SFT
+Every RL variant sees the same problems, samples and steps (equal rollout budget). Reported: held-out greedy accuracy
+with the Expert0 prompt and with the best expert.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from megatron_meml.config import ConfigError, load_config
+
+RL_VARIANTS = {
+    "MoE-SFT-GRPO": ["algo.mutual_learning=false", "hard_examples.enabled=false", "algo.advantage=grpo",
+                     "algo.policy_loss=clipped"],
+    "MEML-GRPO": [],
+    "MEML-no-IML": ["algo.mutual_learning=false"],
+    "MEML-no-HSFT": ["hard_examples.enabled=false"],
+}
+
+
+def _meml(argv: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        rc = subprocess.call([sys.executable, "-m", "megatron_meml.cli", *argv], stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"meml {' '.join(argv[:2])} failed (exit {rc}); see {log}")
+
+
+def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    evals = [r for r in rows if r["stage"] == "eval"]
+    if not evals:
+        raise RuntimeError(f"{run_dir}: no evaluation was logged")
+    last = evals[-1]
+    acc = {k.split("/")[2]: v for k, v in last.items() if k.startswith("eval/") and k.endswith("/accuracy")}
+    return {"acc_expert0": acc[expert0], "acc_best_expert": acc["best_expert"]}
+
+
+def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str]) -> int:
+    from megatron_meml.report import compare_stats, write_compare_table
+
+    folder = Path(recipe_dir) if recipe_dir else Path(__file__).resolve().parents[1] / "recipes"
+    mef, riel = folder / "embedded-default-mef.yaml", folder / "embedded-default.yaml"
+    try:
+        base = load_config(riel, overrides)
+    except ConfigError as e:
+        print(f"meml compare: {e}", file=sys.stderr)
+        return 2
+    root = Path(out or Path(base.output_dir) / "compare")
+    root.mkdir(parents=True, exist_ok=True)
+    expert0 = base.experts.ids[0]
+    rows = []
+    t0 = time.perf_counter()
+    for seed in seeds:
+        common = [*overrides, f"seed={seed}", f"output_dir={root}", "logging.progress=off"]
+        sft_runs = {"Expert0-SFT": ["algo.num_experts=1"], "MoE-SFT": []}
+        for variant, extra in sft_runs.items():
+            name = f"{variant}-s{seed}"
+            _meml(["sft", str(mef), *common, f"run_name={name}", *extra], root / f"{name}.log")
+            rows.append({"variant": variant, "seed": seed, **_final_eval(root / name, expert0)})
+            print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        moe = root / f"MoE-SFT-s{seed}" / "final_model"
+        for variant, extra in RL_VARIANTS.items():
+            name = f"{variant}-s{seed}"
+            _meml(["train", str(riel), *common, f"run_name={name}", f"model.megatron_path={moe}", *extra],
+                  root / f"{name}.log")
+            rows.append({"variant": variant, "seed": seed, **_final_eval(root / name, expert0)})
+            print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
+    write_compare_table(rows, root)
+    stats = compare_stats(rows)
+    print(f"[compare] {len(seeds)} seeds, {time.perf_counter() - t0:.0f} s; held-out greedy accuracy (mean ± std):")
+    for variant, per in stats.items():
+        cells = "  ".join(f"{m} {mu:.3f} ± {sd:.3f}" for m, (mu, sd, _) in per.items())
+        print(f"  {variant:14s} {cells}")
+    print(f"[compare] table: {root / 'compare.md'}, plot: {root / 'compare.png'}")
+    return 0
