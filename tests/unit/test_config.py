@@ -105,6 +105,8 @@ def test_yaml_is_safe_loaded(tmp_path):
 def test_override_syntax():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a.b=off") == ("a.b", "off") and parse_override("a.b=true") == ("a.b", True)
+    assert load_config(None, ["logging.progress=off"]).logging.progress == "off"
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_override("a.b")
 
