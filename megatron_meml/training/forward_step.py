@@ -128,17 +128,22 @@ def _loss_func(mb: MicroBatch, norm: StepNormalisers, algo: AlgoConfig, tp_group
     return loss * scale, metrics
 
 
+def _forward(data_iterator: Iterator[MicroBatch], model) -> tuple[MicroBatch, torch.Tensor]:
+    """The next micro-batch on the model's device and this stage's output (logits on the last stage)."""
+    dev = next(model.parameters()).device
+    mb = next(data_iterator).to(dev)
+    t = mb.tokens.shape[1]
+    pos = torch.arange(t, device=dev)[None].expand(mb.tokens.shape[0], t)
+    return mb, model(mb.tokens, pos, causal_mask(t, dev))
+
+
 def make_forward_step(norm: StepNormalisers, algo: AlgoConfig, *, num_microbatches: int, dp_size: int,
                       tp_group=None):
     """A Megatron forward_step_func over an iterator of MicroBatch (tokens are needed on every stage)."""
     scale = float(num_microbatches * dp_size)
 
     def forward_step(data_iterator: Iterator[MicroBatch], model):
-        dev = next(model.parameters()).device
-        mb = next(data_iterator).to(dev)
-        t = mb.tokens.shape[1]
-        pos = torch.arange(t, device=dev)[None].expand(mb.tokens.shape[0], t)
-        out = model(mb.tokens, pos, causal_mask(t, dev))
+        mb, out = _forward(data_iterator, model)
         return out, partial(_loss_func, mb, norm, algo, tp_group, scale)
 
     return forward_step
@@ -148,11 +153,7 @@ def logprob_forward_step(tp_group=None):
     """forward_step_func for forward-only log-prob computation: the loss_func returns [B, T] log-probs."""
 
     def forward_step(data_iterator: Iterator[MicroBatch], model):
-        dev = next(model.parameters()).device
-        mb = next(data_iterator).to(dev)
-        t = mb.tokens.shape[1]
-        pos = torch.arange(t, device=dev)[None].expand(mb.tokens.shape[0], t)
-        out = model(mb.tokens, pos, causal_mask(t, dev))
+        mb, out = _forward(data_iterator, model)
 
         def loss_func(output_tensor):
             lp, _ = vocab_parallel_logprobs(output_tensor, mb.labels, tp_group)
