@@ -49,24 +49,42 @@ def pack_rows(row_kind: torch.Tensor, pair_id: Optional[torch.Tensor], micro_bat
     return [m for m in micro if m]
 
 
-def _take(t: Optional[torch.Tensor], rows: list[int], n: int, fill: float = 0.0) -> Optional[torch.Tensor]:
+def _take(t: Optional[torch.Tensor], rows: list[int], n: int, fill: float = 0.0,
+          length: Optional[int] = None) -> Optional[torch.Tensor]:
+    """``t[rows]`` (its first ``length`` columns when given), padded with ``fill`` rows to ``n`` rows."""
     if t is None:
         return None
-    out = t[rows]
+    out = t[rows] if length is None else t[rows, :length]
     if len(rows) < n:
-        pad = torch.full((n - len(rows),) + tuple(t.shape[1:]), fill, dtype=t.dtype)
+        pad = torch.full((n - len(rows),) + tuple(out.shape[1:]), fill, dtype=t.dtype)
         out = torch.cat([out, pad])
     return out
 
 
-def split_batch(batch: TrainBatch, micro_batch_size: int, pad_id: int) -> tuple[list[MicroBatch], list[list[int]]]:
-    """Micro-batches of exactly micro_batch_size rows (pipeline shapes must not vary); padding rows score nothing."""
+def scored_length(loss_mask: torch.Tensor, total: int, multiple: int = 1) -> int:
+    """Positions a micro-batch needs: up to its last scored position + 1 (the token it predicts), rounded up to
+    ``multiple`` (the TP size, for sequence parallelism), at most ``total``. Later positions are right padding
+    that, under the causal mask, no scored position sees."""
+    scored = loss_mask.any(dim=0).nonzero()
+    need = int(scored.max()) + 2 if len(scored) else 2
+    need = -(-need // multiple) * multiple
+    return min(total, need)
+
+
+def split_batch(batch: TrainBatch, micro_batch_size: int, pad_id: int, *,
+                trim_multiple: int = 0) -> tuple[list[MicroBatch], list[list[int]]]:
+    """Micro-batches of exactly micro_batch_size rows; padding rows score nothing. With ``trim_multiple`` > 0
+    each micro-batch is cut to its own ``scored_length`` (only without pipeline parallelism: pipeline stages
+    exchange activations of one fixed shape); with 0 every micro-batch keeps the batch's full length T."""
     groups = pack_rows(batch.row_kind, batch.pair_id, micro_batch_size)
     n = micro_batch_size
     labels = torch.full_like(batch.tokens, pad_id)
     labels[:, :-1] = batch.tokens[:, 1:]
     micro = []
     for rows in groups:
+        t = batch.tokens.shape[1]
+        if trim_multiple:
+            t = scored_length(batch.loss_mask[rows], t, trim_multiple)
         kind = _take(batch.row_kind, rows, n, GRPO)
         partner = torch.full((n,), -1, dtype=torch.long)
         if batch.pair_id is not None:
@@ -77,11 +95,12 @@ def split_batch(batch: TrainBatch, micro_batch_size: int, pad_id: int) -> tuple[
                     partner[i] = next(local[q] for q in rows if int(batch.row_kind[q]) == TEACHER
                                       and int(batch.pair_id[q]) == pid)
         micro.append(MicroBatch(
-            tokens=_take(batch.tokens, rows, n, pad_id), labels=_take(labels, rows, n, pad_id),
-            loss_mask=_take(batch.loss_mask, rows, n, 0.0), row_kind=kind,
+            tokens=_take(batch.tokens, rows, n, pad_id, t), labels=_take(labels, rows, n, pad_id, t),
+            loss_mask=_take(batch.loss_mask, rows, n, 0.0, t), row_kind=kind,
             advantages=_take(batch.advantages, rows, n, 0.0), partner=partner,
-            old_logprobs=_take(batch.old_logprobs, rows, n), rollout_logprobs=_take(batch.rollout_logprobs, rows, n),
-            ref_logprobs=_take(batch.ref_logprobs, rows, n)))
+            old_logprobs=_take(batch.old_logprobs, rows, n, 0.0, t),
+            rollout_logprobs=_take(batch.rollout_logprobs, rows, n, 0.0, t),
+            ref_logprobs=_take(batch.ref_logprobs, rows, n, 0.0, t)))
     return micro, groups
 
 
@@ -98,6 +117,9 @@ class Trainer:
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.is_last = ps.is_pipeline_last_stage()
         self.last_rank = ps.get_pipeline_model_parallel_last_rank()
+        # Without PP each micro-batch runs at its own length (a multiple of TP, for sequence parallelism).
+        pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.trim_multiple = ps.get_tensor_model_parallel_world_size() if pp_size == 1 else 0
 
     def _schedule(self, fwd, micro: list[MicroBatch], forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -127,7 +149,7 @@ class Trainer:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """Forward/backward over all micro-batches, one optimizer step; metrics summed over the step."""
-        micro, _ = split_batch(batch, self.micro_batch_size, self.pad_id)
+        micro, _ = split_batch(batch, self.micro_batch_size, self.pad_id, trim_multiple=self.trim_multiple)
         norm = step_normalisers(micro, self.algo, self.dp_group)
         dp = dist.get_world_size(self.dp_group)
         fwd = make_forward_step(norm, self.algo, num_microbatches=len(micro), dp_size=dp, tp_group=self.tp_group)
