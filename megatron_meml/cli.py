@@ -6,9 +6,6 @@ import sys
 
 from megatron_meml.config import ConfigError, load_config, to_yaml
 
-PENDING = {
-    "export": "Hugging Face export of a run (with --fp8: modelopt FP8 quantisation)",
-}
 STAGES = {
     "sft": "stage 1 (MEF): SFT of every expert prompt on its gold / teacher answers",
     "train": "stage 2 (RIEL): RL with inter-expert mutual learning and hard-example replay",
@@ -45,9 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("overrides", nargs="*", help="overrides applied to every run, e.g. train.steps=20")
     rp = sub.add_parser("report", help="plots and summary.md of a run directory (written to RUN_DIR/report/)")
     rp.add_argument("run_dir", metavar="RUN_DIR")
-    for name, what in PENDING.items():
-        s = sub.add_parser(name, help=f"{what} (not yet available)")
-        s.add_argument("args", nargs="*")
+    ex = sub.add_parser("export", help="a run's model as a Hugging Face directory for serving (--fp8: modelopt FP8)")
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("--out", required=True, help="output directory (must be empty unless --overwrite)")
+    ex.add_argument("--checkpoint", default=None, help="export RUN_DIR/checkpoints/<step_*|latest> or a "
+                                                       "checkpoint path instead of RUN_DIR/final_model")
+    ex.add_argument("--fp8", action="store_true", help="nvidia-modelopt post-training FP8 quantisation")
+    ex.add_argument("--calib-samples", type=int, default=32, help="FP8 calibration sequences (default 32)")
+    ex.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     return p
 
 
@@ -69,18 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_meml.demo import run_demo
 
         return run_demo(args.recipe_dir, args.overrides)
-    if args.cmd == "config":
-        try:
-            cfg = load_config(args.recipe, args.overrides)
-        except ConfigError as e:
-            print(f"meml: {e}", file=sys.stderr)
-            return 2
-        print(to_yaml(cfg), end="")
-        return 0
-    print(f"meml {args.cmd}: {PENDING[args.cmd]} is not built yet: it arrives with the end-to-end issue "
-          "(MEF SFT stage, RIEL loop, evaluation). Today the package provides the config system, the "
-          "Megatron model provider and trainer set-up, data/verifiers, the loss modules and the hard-example "
-          "store; `make test` exercises them.", file=sys.stderr)
+    if args.cmd == "export":
+        from megatron_meml.export import ExportConfig, run_export
+
+        return run_export(ExportConfig(run_dir=args.run_dir, out=args.out, checkpoint=args.checkpoint, fp8=args.fp8,
+                                       overwrite=args.overwrite, calib_samples=args.calib_samples))
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        print(f"meml: {e}", file=sys.stderr)
+        return 2
+    print(to_yaml(cfg), end="")
     return 0
 
 
