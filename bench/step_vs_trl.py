@@ -1,0 +1,260 @@
+"""One RL step of megatron_meml vs Hugging Face TRL's GRPOTrainer, side by side in one run, at 1 thread.
+
+Sides (run one after another, never concurrently, each in its own subprocess, OMP_NUM_THREADS=1):
+  trl    ../shared/anchors/trl_grpo_cpu.py --mode hf (TRL 1.16.0 GRPOTrainer, HF generate): a tiny random Qwen2
+         (hidden 128, 4 layers, 4 heads x 32, 2 KV heads, ffn 256, vocab 64, untied), 8 prompts x 8 samples x 16
+         new tokens, loss_type dapo, AdamW. Runs from its own venv (TRL pins another transformers than ours),
+         created on first use under --cache (default ~/.cache/megatron-meml/trl-anchor).
+  grpo   this project in plain GRPO mode (algo.num_experts=1, algo.mutual_learning=false,
+         hard_examples.enabled=false, algo.advantage=grpo, algo.policy_loss=clipped) on the same shape and
+         workload: 8 problems x 8 samples x 16 new tokens, micro-batch 64 (TRL's per-device batch), lr 1e-5.
+  meml   the full MEML step (3 experts, mutual learning, hard examples with capacity 16 as in the embedded
+         default), same objective, at 3 problems x 3 experts x 7 samples = 63 completions (64 is not a multiple
+         of 3 experts); micro-batch 40, so 63 GRPO rows + 16 hard-example SFT rows fill two micro-batches
+         (each run at its own length).
+Our sides go through the real code path: ``run.setup_run`` (Megatron DDP + distributed optimizer, threads),
+``stages._start_rollout`` (vLLM in-process engine started from the trainer's weights), then ``loop.riel_step``
+(sample, rollout, reward, advantages, mutual pairs, hard examples, train, weight sync), timed like
+``loop.train_loop`` times ``timing/step``.
+
+Data: synthetic 2-digit additions (data.synthetic_levels=[2]) whose prompt is BOS + "12+34" + the expert prompt
+"=" (experts.plain_template="{question}{system}", no format instruction), about the anchor's "12+34=" length.
+The model is random on both sides, so rewards are almost always 0: advantages are 0 (the backward still runs),
+and the MEML side forms no mutual-learning pairs (they need a correct answer) while its hard-example store fills
+and replays every step.
+
+Each side: median over --steps measured steps after --warmup warm-up steps; all of it is repeated --repeats
+times, the sides in turn. The machine may be shared: the table shows every repeat's median, and the ratios are
+printed both from the median over repeats and from each side's best (least contended) repeat. Ends with
+``step ratio N`` (ours plain GRPO / TRL) and ``meml step ratio N`` (full MEML / TRL), from the best repeats.
+
+Usage:  .venv/bin/python bench/step_vs_trl.py [--repeats 3] [--steps 20] [--warmup 2] [--json-out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ANCHOR = ROOT.parent / "shared" / "anchors" / "trl_grpo_cpu.py"
+DEFAULT_CACHE = Path.home() / ".cache" / "megatron-meml" / "trl-anchor"
+TRL_PINS = ("torch==2.13.0+cpu", "trl==1.16.0")
+PROMPTS = {"synth_direct": "=", "synth_steps": "==", "synth_columns": "==="}
+"""Expert prompt files for the bench: short, so prompts are about as long as the anchor's."""
+
+
+def side_overrides(side: str, steps: int, out_dir: str, prompt_dir: str) -> list[str]:
+    """Config overrides of one of our sides (no recipe: the dataclass defaults plus these)."""
+    common = [f"output_dir={out_dir}", f"run_name={side}", "seed=0",
+              "model.vocab_size=64", "model.hidden_size=128", "model.num_layers=4", "model.num_attention_heads=4",
+              "model.num_kv_heads=2", "model.head_dim=32", "model.ffn_hidden_size=256",
+              "model.max_position_embeddings=128", "model.tie_embeddings=false",
+              "data.source=synthetic", "data.synthetic_levels=[2]", "data.synthetic_weights=[1.0]",
+              "data.synthetic_size=4096", f"experts.prompt_dir={prompt_dir}", "experts.format_instruction=''",
+              "experts.plain_template='{question}{system}'", "rollout.max_new_tokens=16", "rollout.temperature=1.0",
+              "rollout.kv_cache_gb=0.25", "algo.advantage=grpo", "algo.policy_loss=clipped", "train.lr=1e-5",
+              "train.threads=1", f"train.steps={steps}", "logging.tensorboard=false", "logging.progress='off'",
+              "eval.max_problems=0", "checkpoint.save_every=0"]
+    if side == "grpo":
+        return common + ["algo.num_experts=1", "algo.mutual_learning=false", "hard_examples.enabled=false",
+                         "rollout.samples_per_expert=8", "train.problems_per_step=8", "train.micro_batch_size=64"]
+    if side == "meml":
+        return common + ["algo.num_experts=3", "algo.mutual_learning=true", "hard_examples.enabled=true",
+                         "hard_examples.capacity=16", "rollout.samples_per_expert=7", "train.problems_per_step=3",
+                         "train.micro_batch_size=40"]
+    raise ValueError(f"unknown side '{side}'")
+
+
+# ------------------------------------------------------------------------------------------------- our side (child)
+def run_ours(side: str, steps: int, warmup: int, json_out: str) -> None:
+    """Child process: set up a run through the project's code path and time ``riel_step``."""
+    import torch
+
+    from megatron_meml.config import load_config
+    from megatron_meml.data.sampler import ProblemSampler
+    from megatron_meml.hard_examples.store import HardExampleStore
+    from megatron_meml.loop import riel_step
+    from megatron_meml.run import setup_run
+    from megatron_meml.stages import _start_rollout
+
+    work = Path(tempfile.mkdtemp(prefix=f"step_vs_trl_{side}_"))
+    for eid, text in PROMPTS.items():
+        (work / f"{eid}.txt").write_text(text + "\n")
+    cfg = load_config(None, side_overrides(side, warmup + steps, str(work / "runs"), str(work)))
+    ctx = setup_run(cfg, "train")
+    store = (HardExampleStore(cfg.hard_examples, ctx.run_dir / "hard_examples", seed=cfg.seed)
+             if cfg.hard_examples.enabled else None)
+    sampler = ProblemSampler(ctx.train_problems, seed=cfg.seed)
+    _start_rollout(ctx)
+    prompt_lens = [len(ids) for _, _, ids in ctx.experts.expand(ctx.train_problems[:64])]
+    records = []
+    for step in range(1, warmup + steps + 1):
+        t0 = time.perf_counter()
+        m = riel_step(ctx, step, sampler, store)
+        m.update(ctx.timers.pop())
+        m["timing/step"] = time.perf_counter() - t0
+        records.append(m)
+        print(f"[{side} step {step:3d}] {m['timing/step']:.3f}s  rollout {m['timing/rollout']:.3f}s  "
+              f"train {m['timing/train']:.3f}s  sync {m['timing/weight_sync']:.3f}s  "
+              f"rows {m['rollout/train_rows']:.0f}", flush=True)
+    ctx.rollout.shutdown()
+    meas = records[warmup:]
+    keys = sorted({k for r in meas for k in r if k.startswith("timing/") or k.startswith("weight_sync/")})
+    rec = {"side": side, "seconds_per_step": statistics.median(r["timing/step"] for r in meas),
+           "seconds_per_step_mean": statistics.mean(r["timing/step"] for r in meas),
+           "phase_median": {k: statistics.median(r.get(k, 0.0) for r in meas) for k in keys},
+           "completions_per_step": statistics.mean(r["rollout/num_samples"] for r in meas),
+           "completion_len_mean": statistics.mean(r["rollout/mean_length"] for r in meas),
+           "prompt_len_mean": statistics.mean(prompt_lens),
+           "train_rows_mean": statistics.mean(r["rollout/train_rows"] for r in meas),
+           "mutual_pairs_mean": statistics.mean(r["rollout/mutual_pairs"] for r in meas),
+           "reward_mean": statistics.mean(r["reward/mean"] for r in meas),
+           "torch_threads": torch.get_num_threads(), "step_times": [r["timing/step"] for r in meas]}
+    Path(json_out).write_text(json.dumps(rec, indent=1))
+
+
+# ------------------------------------------------------------------------------------------------- TRL side
+def trl_python(cache: Path) -> Path:
+    """The anchor's venv (TRL 1.16.0 and its transformers), created on first use."""
+    py = cache / "venv" / "bin" / "python"
+    ok = py.is_file() and subprocess.run([str(py), "-c", "import trl; assert trl.__version__ == '1.16.0'"],
+                                         capture_output=True).returncode == 0
+    if ok:
+        return py
+    print(f"[setup] creating the TRL anchor venv in {cache / 'venv'} (a minute or two, once)", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    base = os.environ.get("TRL_BASE_PYTHON", "python3.11")
+    subprocess.run([base, "-m", "venv", str(cache / "venv")], check=True)
+    for pin in TRL_PINS:  # torch first, so pip keeps the CPU wheel when it resolves trl
+        subprocess.run([str(py), "-m", "pip", "install", "-q", pin], check=True)
+    return py
+
+
+def run_child(cmd: list[str], log: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text().splitlines()[-30:]
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}); log {log}:\n" + "\n".join(tail))
+
+
+def run_trl(py: Path, cache: Path, steps: int, warmup: int, out: Path, anchor: Path) -> dict:
+    js = out / "trl.json"
+    run_child([str(py), str(anchor), "--mode", "hf", "--threads", "1", "--steps", str(steps), "--warmup",
+               str(warmup), "--model-dir", str(cache / "tiny"), "--out-dir", str(out / "trl_out"),
+               "--json-out", str(js)], out / "trl.log")
+    rec = json.loads(js.read_text())
+    rest = statistics.median(s - g for s, g in zip(rec["step_times"], rec["gen_times"]))
+    return {"side": "trl", "seconds_per_step": rec["seconds_per_step_median"],
+            "seconds_per_step_mean": rec["seconds_per_step_mean"],
+            "phase_median": {"timing/rollout": rec["gen_seconds_per_step_median"], "timing/train": rest},
+            "completions_per_step": 64, "completion_len_mean": rec["gen_tokens_per_step_mean"] / 64,
+            "prompt_len_mean": anchor_prompt_len(), "train_rows_mean": 64, "mutual_pairs_mean": 0.0,
+            "reward_mean": float("nan"), "torch_threads": rec["versions"].get("torch_threads"),
+            "step_times": rec["step_times"]}
+
+
+def anchor_prompt_len() -> float:
+    """Mean token count of the anchor's prompts "{a}+{b}=" (a char-level tokenizer, no BOS), same RNG draw."""
+    import random
+
+    rng = random.Random(0)
+    lens = [len(f"{rng.randint(0, 99)}+{rng.randint(0, 99)}=") for _ in range(4096)]
+    return sum(lens) / len(lens)
+
+
+# ------------------------------------------------------------------------------------------------- report
+def table(results: dict[str, list[dict]]) -> str:
+    head = (f"{'side':<6} {'s/step (median per repeat)':<30} {'gen s':>7} {'train s':>8} {'sync s':>7} "
+            f"{'compl':>6} {'prompt len':>10} {'compl len':>9} {'rows':>6}")
+    lines = [head, "-" * len(head)]
+    for side, recs in results.items():
+        r0 = min(recs, key=lambda r: r["seconds_per_step"])  # phases of the best repeat
+        ph = r0["phase_median"]
+        times = ", ".join(f"{r['seconds_per_step']:.3f}" for r in recs)
+        lines.append(f"{side:<6} {times:<30} {ph.get('timing/rollout', float('nan')):>7.3f} "
+                     f"{ph.get('timing/train', float('nan')):>8.3f} {ph.get('timing/weight_sync', float('nan')):>7.3f} "
+                     f"{r0['completions_per_step']:>6.0f} {r0['prompt_len_mean']:>10.2f} "
+                     f"{r0['completion_len_mean']:>9.2f} {r0['train_rows_mean']:>6.1f}")
+    return "\n".join(lines)
+
+
+def phases(rec: dict) -> str:
+    """Median seconds per phase (``timing/*`` of the loop; TRL: generation and the rest), largest first."""
+    ph = {k: v for k, v in rec["phase_median"].items() if k.startswith("timing/") and k != "timing/step"}
+    return "  ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in sorted(ph.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20, help="measured steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per side (not measured)")
+    p.add_argument("--repeats", type=int, default=3, help="times the three sides run, in turn")
+    p.add_argument("--sides", default="trl,grpo,meml", help="comma-separated subset of trl,grpo,meml")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="TRL venv and tiny HF model directory")
+    p.add_argument("--anchor", type=Path, default=ANCHOR, help="the TRL anchor script")
+    p.add_argument("--json-out", default="", help="write every record here")
+    p.add_argument("--worker", choices=["grpo", "meml"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-json", default="", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        import torch
+
+        torch.set_num_threads(1)
+        run_ours(a.worker, a.steps, a.warmup, a.worker_json)
+        return
+    sides = [s for s in a.sides.split(",") if s]
+    if not a.anchor.is_file() and "trl" in sides:
+        raise SystemExit(f"the TRL anchor script {a.anchor} does not exist; pass --anchor PATH")
+    py = trl_python(a.cache) if "trl" in sides else None
+    out = Path(tempfile.mkdtemp(prefix="step_vs_trl_"))
+    load = os.getloadavg()
+    print(f"[conditions] {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+          f"OMP_NUM_THREADS=1, train.threads=1, sides run one after another; logs in {out}", flush=True)
+    results: dict[str, list[dict]] = {s: [] for s in sides}
+    for rep in range(a.repeats):
+        for side in sides:
+            t0 = time.perf_counter()
+            if side == "trl":
+                rec = run_trl(py, a.cache, a.steps, a.warmup, out, a.anchor)
+            else:
+                js = out / f"{side}.json"
+                run_child([sys.executable, str(Path(__file__).resolve()), "--worker", side, "--steps", str(a.steps),
+                           "--warmup", str(a.warmup), "--worker-json", str(js)], out / f"{side}.{rep}.log")
+                rec = json.loads(js.read_text())
+            rec["load_after"] = os.getloadavg()[0]
+            results[side].append(rec)
+            print(f"[repeat {rep + 1}/{a.repeats}] {side}: {rec['seconds_per_step']:.4f} s/step (median), "
+                  f"{time.perf_counter() - t0:.0f} s wall; phases: {phases(rec)}", flush=True)
+    print()
+    print(table(results))
+    med = {s: statistics.median(r["seconds_per_step"] for r in recs) for s, recs in results.items()}
+    best = {s: min(r["seconds_per_step"] for r in recs) for s, recs in results.items()}
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"results": results, "median": med, "best": best}, indent=1))
+    print("phase columns: medians of each side's best repeat; gen s: TRL's _generate (HF generate) / our rollout phase (vLLM); train s: TRL's step minus generation "
+          "(reward, log-probs, backward, AdamW) / our train phase; sync s: our weight push into vLLM")
+    loads = ", ".join(f"{r['side']} {r['load_after']:.1f}" for recs in results.values() for r in recs)
+    print(f"[conditions] 1-min load average after each run: {loads}")
+    for name, pick in (("median over repeats", med), ("best repeat (least contended)", best)):
+        if "trl" in pick:
+            parts = [f"{s} / trl {pick[s] / pick['trl']:.3f}" for s in ("grpo", "meml") if s in pick]
+            print(f"[ratios, {name}] " + ", ".join(parts))
+    # The final lines use each side's best repeat: on a shared machine the slower repeats measure the neighbours.
+    if "trl" in best and "grpo" in best:
+        print(f"step ratio {best['grpo'] / best['trl']:.3f}")
+    if "trl" in best and "meml" in best:
+        print(f"meml step ratio {best['meml'] / best['trl']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
