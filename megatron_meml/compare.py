@@ -7,8 +7,8 @@ Variants (each a `meml` subprocess, as a user would run it):
   MEML-GRPO     RL from MoE-SFT: the paper's objective + inter-expert mutual learning + hard-example SFT
   MEML-no-IML   MEML-GRPO without mutual learning
   MEML-no-HSFT  MEML-GRPO without hard-example SFT
-Every RL variant sees the same problems, samples and steps (equal rollout budget). Reported: held-out greedy accuracy
-with the Expert0 prompt and with the best expert.
+Every RL variant sees the same problems, samples and steps (equal rollout budget). Every row is evaluated on the same
+held-out problems (the RL recipe's): greedy accuracy with the Expert0 prompt and with the best expert.
 """
 from __future__ import annotations
 
@@ -67,8 +67,11 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
         sft_runs = {"Expert0-SFT": ["algo.num_experts=1"], "MoE-SFT": []}
         for variant, extra in sft_runs.items():
             name = f"{variant}-s{seed}"
-            _meml(["sft", str(mef), *common, f"run_name={name}", *extra], root / f"{name}.log")
-            rows.append({"variant": variant, "seed": seed, **_final_eval(root / name, expert0)})
+            _meml(["sft", str(mef), *common, f"run_name={name}", "eval.max_problems=0", *extra], root / f"{name}.log")
+            # evaluated on the RL recipe's held-out problems, like the RL variants (same problems for every row)
+            _meml(["eval", str(riel), *common, f"run_name={name}-eval", *extra, "--checkpoint",
+                   str(root / name / "final_model")], root / f"{name}-eval.log")
+            rows.append({"variant": variant, "seed": seed, **_final_eval(root / f"{name}-eval", expert0)})
             print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
         moe = root / f"MoE-SFT-s{seed}" / "final_model"
         for variant, extra in RL_VARIANTS.items():
