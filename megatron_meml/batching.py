@@ -68,8 +68,12 @@ def sft_rows(examples: Sequence[SFTExample]) -> list[Row]:
 
 
 def to_train_batch(rows: Sequence[Row], pad_id: int, *, max_len: Optional[int] = None) -> TrainBatch:
-    """Right-padded [B, T] TrainBatch; an empty list gives one all-masked padding row (ranks must still step)."""
-    rows = list(rows) or [Row(tokens=[pad_id, pad_id], loss_mask=[0.0, 0.0], kind=GRPO)]
+    """Right-padded [B, T] TrainBatch, rows shortest first; an empty list gives one all-masked padding row (ranks
+    must still step)."""
+    # Rows sorted by length (stable): micro-batches then hold similar lengths and are trimmed to them. The loss is a
+    # sum over rows with global normalisers, so the order does not change the step's objective.
+    rows = sorted(rows, key=lambda r: len(r.tokens)) or [Row(tokens=[pad_id, pad_id], loss_mask=[0.0, 0.0],
+                                                              kind=GRPO)]
     t = max(len(r.tokens) for r in rows)
     if max_len is not None and t > max_len:
         raise ValueError(f"a training sequence has {t} tokens, more than the model's {max_len} positions; "
