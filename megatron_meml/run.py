@@ -148,6 +148,9 @@ def setup_run(cfg: MemlConfig, stage: str, *, run_dir: Optional[Path] = None, lr
     from megatron_meml.training.setup import setup_training
     from megatron_meml.training.trainer import Trainer
 
+    if stage == "train" and cfg.algo.kl_coef > 0:
+        raise RunError("algo.kl_coef > 0 needs reference-policy log-probs, which the RIEL loop does not compute "
+                       "yet (the loss term exists); set algo.kl_coef=0 (the paper's setting)")
     setup_threads(cfg)
     install_cpu_shim()  # no-op with CUDA
     init_distributed(cfg.parallel)
