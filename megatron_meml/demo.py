@@ -3,6 +3,7 @@ MEF SFT (recipes/embedded-default-mef.yaml), then RIEL from the MEF model (recip
 followed by evaluation and a report."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -27,9 +28,11 @@ def run_demo(recipe_dir: Optional[str], overrides: list[str]) -> int:
     t0 = time.perf_counter()
     steps = [("stage 1 (MEF SFT)", ["sft", str(mef), *overrides]),
              ("stage 2 (RIEL)", ["train", str(riel), f"model.megatron_path={mef_model}", *overrides])]
+    # vLLM's per-request INFO lines would bury the progress lines; a user's own VLLM_LOGGING_LEVEL wins.
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     for name, argv in steps:
         print(f"[demo] {name}: meml {' '.join(argv)}", flush=True)
-        rc = subprocess.call([sys.executable, "-m", "megatron_meml.cli", *argv])
+        rc = subprocess.call([sys.executable, "-m", "megatron_meml.cli", *argv], env=env)
         if rc != 0:
             print(f"[demo] {name} failed with exit code {rc}", file=sys.stderr)
             return rc
