@@ -126,12 +126,14 @@ def load_hf_weights(hf_dir: Path, chunks: list[Any], arch: ArchSpec) -> None:
     from checkpoints_convert.mappings import hf_to_megatron
     from megatron.core import parallel_state as ps
 
+    from megatron_meml.training.setup import unwrap
+
     reader = HFReader(hf_dir)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     with torch.no_grad():
         for chunk in chunks:
-            for name, p in getattr(chunk, "module", chunk).named_parameters():
+            for name, p in unwrap(chunk).named_parameters():
                 full = hf_to_megatron(arch, to_global_name(name, arch.num_layers, pp, pp_rank), reader.get)
                 p.copy_(shard_for_tp(name, full, tp, tp_rank) if getattr(p, "tensor_model_parallel", False)
                         else full)

@@ -172,14 +172,3 @@ def _chosen_logprob(entry, token: int) -> float:
     if entry is None or token not in entry:
         raise RolloutEngineError(f"vLLM returned no log-prob for token {token}")
     return float(entry[token].logprob)
-
-
-def read_generation_eos(hf_dir: str | Path) -> list[int]:
-    """EOS ids from generation_config.json / config.json (vLLM stops on these by itself; used for masks)."""
-    for name in ("generation_config.json", "config.json"):
-        p = Path(hf_dir) / name
-        if p.is_file():
-            eos = json.loads(p.read_text()).get("eos_token_id")
-            if eos is not None:
-                return list(eos) if isinstance(eos, list) else [int(eos)]
-    return []

@@ -22,12 +22,9 @@ from checkpoints_convert.mapping import gather_from_tp, to_global_name
 from checkpoints_convert.mappings import megatron_to_hf
 from megatron_meml.model.arch import ArchSpec
 from megatron_meml.model.hf_config import hf_config_dict
+from megatron_meml.training.setup import unwrap
 
 ROLLOUT_RANK = 0
-
-
-def _unwrap(chunk: Any) -> Any:
-    return getattr(chunk, "module", chunk)
 
 
 def stage_hf_tensors(chunks: list[Any], arch: ArchSpec, *,
@@ -38,7 +35,7 @@ def stage_hf_tensors(chunks: list[Any], arch: ArchSpec, *,
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    params = [(name, p) for chunk in chunks for name, p in _unwrap(chunk).named_parameters()
+    params = [(name, p) for chunk in chunks for name, p in unwrap(chunk).named_parameters()
               if not (name == "output_layer.weight" and arch.tie_embeddings)]
     gathered = _tp_gathered(params, tp, ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group(),
                             window_bytes)

@@ -67,12 +67,6 @@ def setup_training(arch: ArchSpec, model_cfg: ModelConfig, parallel: ParallelCon
     return TrainState(model=model, optimizer=optimizer)
 
 
-def set_lr(optimizer: Any, lr: float) -> None:
-    """Set the learning rate of every param group (the scheduler is the loop's business)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def zero_grads(state: TrainState) -> None:
     for chunk in state.model:
         chunk.zero_grad_buffer()
