@@ -53,14 +53,21 @@ def grpo_rows(groups: Sequence[ExpertGroup], advantages: torch.Tensor, *, positi
     return rows
 
 
-def pair_rows(pairs: Sequence[MutualPair], experts: ExpertSet) -> list[Row]:
-    """Student (P-, Q, O+) and teacher (P+, Q, O+) rows per pair, sharing a pair id."""
+def pair_rows(pairs: Sequence[MutualPair], experts: ExpertSet, *, weight: float = 1.0) -> list[Row]:
+    """Student (P-, Q, O+) and teacher (P+, Q, O+) rows per pair, sharing a pair id; the student row carries the
+    pair's scheduled weight (``mutual_weight``) in its advantage slot."""
     rows = []
     for i, pr in enumerate(pairs):
         student = experts.prompt_ids(pr.weak, pr.problem)
-        rows.append(completion_row(pr.response, kind=STUDENT, prompt=student, pair=i, with_logprobs=False))
+        rows.append(completion_row(pr.response, kind=STUDENT, advantage=weight, prompt=student, pair=i,
+                                   with_logprobs=False))
         rows.append(completion_row(pr.response, kind=TEACHER, pair=i, with_logprobs=False))
     return rows
+
+
+def mutual_weight(step: int, warmup_steps: int) -> float:
+    """lambda1's warm-up factor at RIEL step ``step`` (1-based): step / warmup_steps, capped at 1."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
 
 
 def sft_rows(examples: Sequence[SFTExample]) -> list[Row]:

@@ -8,7 +8,7 @@ import torch
 
 from megatron_meml.algo.advantages import advantage_metrics, compute_advantages
 from megatron_meml.algo.mutual import select_pairs
-from megatron_meml.batching import grpo_rows, pair_rows, sft_rows, to_train_batch
+from megatron_meml.batching import grpo_rows, mutual_weight, pair_rows, sft_rows, to_train_batch
 from megatron_meml.rewards.score import score
 from megatron_meml.rollout.backend import SamplingSpec
 from megatron_meml.run import RunContext, stable_seed
@@ -41,10 +41,10 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
         adv = compute_advantages(rewards_t, cfg.algo, question_index=qidx)
         rows = grpo_rows(groups, adv, positive_only=cfg.algo.policy_loss == "paper_pg")
     with timers("mutual"):
-        pairs = []
+        pairs, weight = [], mutual_weight(step, cfg.algo.lambda_kl_warmup_steps)
         if cfg.algo.mutual_learning and len(experts) > 1:
             pairs = select_pairs(groups, min_gap=cfg.algo.mutual_min_gap)
-            rows += pair_rows(pairs, experts)
+            rows += pair_rows(pairs, experts, weight=weight)
     hard_metrics: dict[str, float] = {}
     with timers("hard_examples"):
         if store is not None:
@@ -65,6 +65,7 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
     metrics.update(hard_metrics)
     metrics.update(sync_metrics)
     metrics["rollout/mutual_pairs"] = float(len(pairs))
+    metrics["train/mutual_lambda"] = cfg.algo.lambda_kl * weight
     metrics["rollout/train_rows"] = float(len(rows))
     return metrics
 

@@ -87,7 +87,8 @@ class TrainBatch:
     row_kind: torch.Tensor
     """[B] int64 row kind (see class doc)."""
     advantages: torch.Tensor
-    """[B] float advantage per row (GRPO rows; 0 elsewhere)."""
+    """[B] float: a GRPO row's advantage; a STUDENT row's scheduled pair weight (1 without a lambda1 warm-up);
+    0 elsewhere."""
     old_logprobs: Optional[torch.Tensor] = None
     """[B, T] float log-probs of the labels under the behaviour policy (trainer recompute), aligned with loss_mask."""
     rollout_logprobs: Optional[torch.Tensor] = None

@@ -8,6 +8,7 @@ ADVANTAGES = ("paper", "grpo", "drgrpo", "pooled")
 POLICY_LOSSES = ("paper_pg", "clipped")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 MUTUAL_KINDS = ("sequence", "token")
+MUTUAL_NORMALISE = ("sequence", "token")
 KL_TYPES = ("k1", "k3")
 
 
@@ -50,11 +51,24 @@ class AlgoConfig:
     are not starved by long ones) or seq_mean_token_sum (the paper's sum of log-probs per sequence)."""
     mutual_min_gap: float = 0.0
     """Mutual learning pairs only experts whose mean rewards differ by more than this."""
+    mutual_normalise: str = "sequence"
+    """sequence (the paper: each pair's term sums over the tokens of O+, so long responses weigh more) or token
+    (each pair's term is divided by the length of O+: a per-token mean, on the scale of the token-mean PG term)."""
+    lambda_kl_warmup_steps: int = 0
+    """lambda1 ramps linearly from 0 to lambda_kl over this many RIEL steps (0: full weight from step 1)."""
+    mutual_min_student_logprob: Optional[float] = None
+    """Transfer filter: a pair trains only when O+'s mean per-token log-prob under the weak prompt P- (this
+    step's forward, detached) is at least this, i.e. the weak expert already finds O+ plausible and is not pushed
+    into a style it cannot execute. None (the paper) trains every pair."""
+    mutual_teacher_nll: float = 0.0
+    """Strong-expert protection: weight of -log pi(O+ | Q, P+) (per-token mean per pair, averaged over pairs), so
+    shared-weight updates for the weak expert do not lower the strong expert's likelihood of its correct O+.
+    0 is the paper."""
 
     def __post_init__(self) -> None:
         checks = (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("aggregation", AGGREGATIONS),
                   ("sft_aggregation", AGGREGATIONS),
-                  ("mutual_kind", MUTUAL_KINDS), ("kl_type", KL_TYPES))
+                  ("mutual_kind", MUTUAL_KINDS), ("mutual_normalise", MUTUAL_NORMALISE), ("kl_type", KL_TYPES))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"algo.{name} must be one of {allowed}, got '{getattr(self, name)}'")
@@ -64,5 +78,12 @@ class AlgoConfig:
             raise ValueError(f"algo.dual_clip must be > 1 or null, got {self.dual_clip}")
         if self.adv_eps <= 0:
             raise ValueError(f"algo.adv_eps must be > 0, got {self.adv_eps}")
+        if self.lambda_kl_warmup_steps < 0:
+            raise ValueError(f"algo.lambda_kl_warmup_steps must be >= 0, got {self.lambda_kl_warmup_steps}")
+        if self.mutual_teacher_nll < 0:
+            raise ValueError(f"algo.mutual_teacher_nll must be >= 0, got {self.mutual_teacher_nll}")
+        if self.mutual_min_student_logprob is not None and self.mutual_min_student_logprob > 0:
+            raise ValueError("algo.mutual_min_student_logprob is a mean log-prob: it must be <= 0 or null, got "
+                             f"{self.mutual_min_student_logprob}")
         if self.clip_low < 0 or self.clip_high < 0:
             raise ValueError("algo.clip_low and algo.clip_high must be >= 0")

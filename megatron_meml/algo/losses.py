@@ -195,15 +195,16 @@ def sequence_logprob(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 def sequence_mutual_kl_loss(student_logprobs: torch.Tensor, student_mask: torch.Tensor,
                             teacher_seq_logprobs: torch.Tensor,
-                            normaliser: Normaliser) -> tuple[torch.Tensor, Metrics]:
+                            normaliser: Normaliser, *,
+                            pair_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Metrics]:
     """(e1) Inter-expert mutual learning, sequence-level Monte-Carlo KL on the best expert's O+.
 
     Per pair p: L_p = log pi(O+ | Q, P+).detach() - log pi(O+ | Q, P-), a one-sample estimate of
     KL(pi(.|Q,P+) || pi(.|Q,P-)) whose gradient raises the weak expert's likelihood of O+ (DESIGN.md:
-    this order follows the stated purpose; the reverse would push O+ away). Loss = sum_p L_p / normaliser
-    (normaliser = global pair count). student_logprobs/student_mask [P, T] are the P- rows;
-    teacher_seq_logprobs [P] is ``sequence_logprob`` of the matching P+ rows (same forward or a
-    no-grad pass). Metrics: train/mutual_kl.
+    this order follows the stated purpose; the reverse would push O+ away). Loss = sum_p w_p L_p / normaliser
+    (normaliser = global pair count; w_p = 1 unless ``pair_weights`` [P] is given, see ``mutual_pair_weights``).
+    student_logprobs/student_mask [P, T] are the P- rows; teacher_seq_logprobs [P] is ``sequence_logprob`` of
+    the matching P+ rows (same forward or a no-grad pass). Metrics: train/mutual_kl.
     """
     _check_same_shape(student_mask, student_logprobs=student_logprobs)
     if teacher_seq_logprobs.shape != student_mask.shape[:1]:
@@ -211,8 +212,47 @@ def sequence_mutual_kl_loss(student_logprobs: torch.Tensor, student_mask: torch.
                          f"got {tuple(teacher_seq_logprobs.shape)}")
     _check_normaliser(normaliser)
     per_pair = teacher_seq_logprobs.detach() - sequence_logprob(student_logprobs, student_mask)
+    if pair_weights is not None:
+        if pair_weights.shape != per_pair.shape:
+            raise ValueError(f"pair_weights must be [{per_pair.shape[0]}] (one per pair), "
+                             f"got {tuple(pair_weights.shape)}")
+        per_pair = per_pair * pair_weights.detach().to(per_pair.dtype)
     loss = per_pair.sum() / normaliser
     return loss, _detach(mutual_kl=loss)
+
+
+def mutual_pair_weights(student_logprobs: torch.Tensor, student_mask: torch.Tensor, base: torch.Tensor, *,
+                        normalise: str = "sequence",
+                        min_student_logprob: Optional[float] = None) -> tuple[torch.Tensor, Metrics]:
+    """Per-pair weights of the mutual-learning term (no gradient).
+
+    student_logprobs/student_mask [P, T] are the P- rows, base [P] each pair's scheduled weight (lambda1 warm-up).
+    normalise="token" divides by the length of O+ (a per-token mean); "sequence" (the paper) keeps the sum.
+    min_student_logprob gates pairs whose mean per-token log-prob of O+ under P- is below it (weight 0).
+    Metrics (sum form, divide by the pair count): train/mutual_active_pairs.
+    """
+    _check_same_shape(student_mask, student_logprobs=student_logprobs)
+    if base.shape != student_mask.shape[:1]:
+        raise ValueError(f"base must be [{student_mask.shape[0]}] (one per pair), got {tuple(base.shape)}")
+    length = student_mask.sum(-1).clamp_min(1.0)
+    w = base.detach().to(student_logprobs.dtype).clone()
+    if normalise == "token":
+        w = w / length
+    elif normalise != "sequence":
+        raise ValueError(f"normalise must be 'sequence' or 'token', got '{normalise}'")
+    if min_student_logprob is not None:
+        mean_lp = sequence_logprob(student_logprobs.detach(), student_mask) / length
+        w = w * (mean_lp >= min_student_logprob).to(w.dtype)
+    return w, _detach(mutual_active_pairs=(w > 0).sum().to(student_logprobs.dtype))
+
+
+def mutual_teacher_nll_loss(teacher_logprobs: torch.Tensor, teacher_mask: torch.Tensor,
+                            normaliser: Normaliser) -> tuple[torch.Tensor, Metrics]:
+    """Strong-expert protection: -log pi(O+ | Q, P+) as a per-token mean per pair, summed over the P+ rows [P, T]
+    and divided by the normaliser (global pair count). Metrics: train/mutual_teacher_nll."""
+    _check_same_shape(teacher_mask, teacher_logprobs=teacher_logprobs)
+    loss = aggregate(-teacher_logprobs, teacher_mask, normaliser, "seq_mean_token_mean")
+    return loss, _detach(mutual_teacher_nll=loss)
 
 
 def mutual_kl_positions(mask: torch.Tensor, student_rows: torch.Tensor,
@@ -240,19 +280,26 @@ def mutual_kl_positions(mask: torch.Tensor, student_rows: torch.Tensor,
 def token_mutual_kl_loss(logits: torch.Tensor, student_pos: torch.Tensor, teacher_pos: torch.Tensor,
                          normaliser: Normaliser, group: Optional[dist.ProcessGroup] = None, *,
                          teacher_logits: Optional[torch.Tensor] = None,
-                         chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, Metrics]:
+                         chunk_size: int = DEFAULT_CHUNK,
+                         position_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Metrics]:
     """(e2) Inter-expert mutual learning, token-level: full-vocabulary KL(p(.|P+) || p(.|P-)) along O+.
 
     logits [B, T, V_local] (this TP rank's vocab shard); student_pos, teacher_pos [M] flat positions from
     ``mutual_kl_positions``. Teacher logits default to ``logits`` (the P+ rows of the same micro-batch),
     always detached. Loss = sum over the M positions / normaliser (global pair count: summed over each
     pair's response, like the sequence form; or the global count of O+ tokens for a per-token mean).
+    position_weights [M] (no gradient) weighs each position, e.g. its pair's ``mutual_pair_weights``.
     Metrics: train/mutual_kl.
     """
     _check_normaliser(normaliser)
     teacher = logits if teacher_logits is None else teacher_logits
     kl = vocab_parallel_kl(logits, teacher, group, chunk_size=chunk_size, student_index=student_pos,
                            teacher_index=teacher_pos)
+    if position_weights is not None:
+        if position_weights.shape != kl.shape:
+            raise ValueError(f"position_weights must be [{kl.shape[0]}] (one per position), "
+                             f"got {tuple(position_weights.shape)}")
+        kl = kl * position_weights.detach().to(kl.dtype)
     loss = kl.sum() / normaliser
     return loss, _detach(mutual_kl=loss)
 

@@ -19,8 +19,9 @@ import torch.distributed as dist
 from megatron_meml.algo.config import AlgoConfig
 from megatron_meml.algo.logprobs import vocab_parallel_logprobs
 from megatron_meml.algo.losses import (clipped_pg_loss, kl_to_reference_loss, local_normaliser,
-                                       mutual_kl_positions, paper_pg_loss, sequence_logprob,
-                                       sequence_mutual_kl_loss, sft_nll_loss, tis_weights, token_mutual_kl_loss)
+                                       mutual_kl_positions, mutual_pair_weights, mutual_teacher_nll_loss,
+                                       paper_pg_loss, sequence_logprob, sequence_mutual_kl_loss, sft_nll_loss,
+                                       tis_weights, token_mutual_kl_loss)
 from megatron_meml.model.provider import causal_mask
 
 GRPO, STUDENT, TEACHER, SFT = 0, 1, 2, 3
@@ -37,7 +38,7 @@ class MicroBatch:
     row_kind: torch.Tensor
     """[B] int64: GRPO, STUDENT, TEACHER, SFT (padding rows are GRPO rows with an all-zero mask)."""
     advantages: torch.Tensor
-    """[B] float."""
+    """[B] float: a GRPO row's advantage; a STUDENT row's scheduled pair weight (lambda1 warm-up, 1 without)."""
     partner: torch.Tensor
     """[B] int64: for a STUDENT row, the row index of its TEACHER in this micro-batch; -1 elsewhere."""
     old_logprobs: Optional[torch.Tensor] = None
@@ -104,15 +105,7 @@ def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo:
         metrics.update(m)
     students = (mb.row_kind == STUDENT).nonzero().squeeze(-1)
     if students.numel():
-        teachers = mb.partner[students]
-        if algo.mutual_kind == "sequence":
-            t_seq = sequence_logprob(lp[teachers], mask[teachers]).detach()
-            kl, m = sequence_mutual_kl_loss(lp[students], mask[students], t_seq, norm.pairs)
-        else:
-            s_pos, t_pos = mutual_kl_positions(mask, students, teachers)
-            kl, m = token_mutual_kl_loss(logits, s_pos, t_pos, norm.pairs, tp_group)
-        loss = loss + algo.lambda_kl * kl
-        metrics.update(m)
+        loss = loss + _mutual_terms(lp, logits, mask, mb, students, norm, algo, tp_group, metrics)
     s_mask = mask * (kind == SFT)
     if bool(s_mask.any()):
         sft, m = sft_nll_loss(lp, s_mask, norm.sft, aggregation=algo.sft_aggregation)
@@ -120,6 +113,29 @@ def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo:
         metrics.update(m)
     metrics["train/loss"] = loss.detach().float()
     return loss, metrics
+
+
+def _mutual_terms(lp, logits, mask, mb: MicroBatch, students: torch.Tensor, norm: StepNormalisers,
+                  algo: AlgoConfig, tp_group, metrics: dict) -> torch.Tensor:
+    """lambda1 L_mutual (+ the strong-expert protection term) of this micro-batch's pairs; adds their metrics."""
+    teachers = mb.partner[students]
+    w, m = mutual_pair_weights(lp[students], mask[students], mb.advantages[students],
+                               normalise=algo.mutual_normalise, min_student_logprob=algo.mutual_min_student_logprob)
+    metrics.update(m)
+    if algo.mutual_kind == "sequence":
+        t_seq = sequence_logprob(lp[teachers], mask[teachers]).detach()
+        kl, m = sequence_mutual_kl_loss(lp[students], mask[students], t_seq, norm.pairs, pair_weights=w)
+    else:
+        s_pos, t_pos = mutual_kl_positions(mask, students, teachers)
+        per_pos = w.repeat_interleave(mask[students].sum(-1).long())
+        kl, m = token_mutual_kl_loss(logits, s_pos, t_pos, norm.pairs, tp_group, position_weights=per_pos)
+    metrics.update(m)
+    out = algo.lambda_kl * kl
+    if algo.mutual_teacher_nll > 0:
+        nll, m = mutual_teacher_nll_loss(lp[teachers], mask[teachers], norm.pairs)
+        metrics.update(m)
+        out = out + algo.mutual_teacher_nll * nll
+    return out
 
 
 def _loss_func(mb: MicroBatch, norm: StepNormalisers, algo: AlgoConfig, tp_group, scale: float,

@@ -33,7 +33,7 @@ def mixed_batch(algo_kind: str):
         mask[t] = 0.0
         mask[t, 2:2 + n] = 1.0
         tokens[t, 3:3 + n] = tokens[s, mask[s].nonzero()[:, 0] + 1]
-    adv = torch.tensor([0.75, 0, -0.5, 0, 0, 0.25, 0, 0, 1.0, 0])
+    adv = torch.tensor([0.75, 1.0, -0.5, 0, 0.5, 0.25, 0, 0, 1.0, 0])  # students: scheduled pair weights
     old = -torch.rand(b, T, generator=g) * 3
     rollout = old + 0.05 * torch.randn(b, T, generator=g)
     return TrainBatch(tokens=tokens, loss_mask=mask, row_kind=torch.tensor(kinds), advantages=adv,
@@ -46,7 +46,8 @@ def _algo(algo_kind):
     if algo_kind == "paper":
         return AlgoConfig(lambda_kl=0.7, lambda_sft=0.3)
     return AlgoConfig(policy_loss="clipped", clip_low=0.1, clip_high=0.3, mutual_kind="token",
-                      aggregation="seq_mean_token_mean", lambda_kl=0.7, lambda_sft=0.3)
+                      aggregation="seq_mean_token_mean", lambda_kl=0.7, lambda_sft=0.3, mutual_normalise="token",
+                      mutual_teacher_nll=0.4, mutual_min_student_logprob=-50.0)
 
 
 def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs):
@@ -119,7 +120,11 @@ def _check(rank, world, tmp, algo_kind, tp, pp, dp, mbs):
         want = _full_shard(name, ref["grads"][name], p, tp, tp_rank)
         assert want.abs().max() > 0 or name.endswith("bias"), f"reference grad of {name} is zero"
         torch.testing.assert_close(g, want, atol=TOL, rtol=0, msg=lambda m: f"{name}: {m}")
-    for key in ("train/loss", "train/pg_loss", "train/mutual_kl", "train/sft_nll"):
+    keys = ["train/loss", "train/pg_loss", "train/mutual_kl", "train/sft_nll", "train/mutual_active_pairs"]
+    if algo_kind != "paper":
+        keys.append("train/mutual_teacher_nll")
+    assert ref["metrics"]["train/mutual_active_pairs"] == 2.0
+    for key in keys:
         assert abs(metrics[key] - ref["metrics"][key]) <= TOL, (key, metrics[key], ref["metrics"][key])
 
 

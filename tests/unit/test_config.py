@@ -81,6 +81,10 @@ def test_value_check_names_field():
         load_config(None, ["algo.advantage=median"])
     with pytest.raises(ConfigError, match=r"parallel.sequence_parallel needs parallel.tp > 1"):
         load_config(None, ["parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match=r"algo.mutual_normalise must be one of"):
+        load_config(None, ["algo.mutual_normalise=pair"])
+    with pytest.raises(ConfigError, match=r"algo.mutual_min_student_logprob is a mean log-prob"):
+        load_config(None, ["algo.mutual_min_student_logprob=0.5"])
 
 
 def test_section_must_be_mapping(tmp_path):

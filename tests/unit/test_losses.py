@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megatron_meml.algo.losses import (aggregate, clipped_pg_loss, kl_estimate, kl_to_reference_loss,
-                                       local_normaliser, mutual_kl_positions, paper_pg_loss,
+                                       local_normaliser, mutual_kl_positions, mutual_pair_weights,
+                                       mutual_teacher_nll_loss, paper_pg_loss,
                                        sequence_logprob, sequence_mutual_kl_loss, sft_nll_loss, tis_weights,
                                        token_mutual_kl_loss)
 
@@ -133,6 +134,48 @@ def test_token_mutual_kl_hand_worked():
     loss.backward()
     assert torch.allclose(logits.grad[0, 1], torch.tensor([-0.25, 0.25]))  # p_s - p_t
     assert logits.grad[1].abs().sum() == 0
+
+
+def test_mutual_pair_weights_hand_worked():
+    student = torch.tensor([[-1.0, -2.0, 7.0], [-0.5, -0.5, -1.0]])
+    smask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    base = torch.tensor([0.5, 1.0])
+    w, m = mutual_pair_weights(student, smask, base)  # the paper: scheduled weight only
+    assert torch.equal(w, base) and m["train/mutual_active_pairs"].item() == 2
+    w, _ = mutual_pair_weights(student, smask, base, normalise="token")  # divided by |O+| = 2 and 3
+    assert torch.allclose(w, torch.tensor([0.25, 1.0 / 3]))
+    # mean per-token log-probs under P-: -1.5 and -2/3; a -1.0 floor keeps only pair 1
+    w, m = mutual_pair_weights(student, smask, base, min_student_logprob=-1.0)
+    assert torch.equal(w, torch.tensor([0.0, 1.0])) and m["train/mutual_active_pairs"].item() == 1
+    with pytest.raises(ValueError, match="base must be \\[2\\]"):
+        mutual_pair_weights(student, smask, torch.ones(3))
+
+
+def test_weighted_mutual_kl_hand_worked():
+    student = torch.tensor([[-1.0, -2.0, 7.0], [-0.5, -0.5, -1.0]], requires_grad=True)
+    smask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    teacher = torch.tensor([-1.5, -2.5])
+    loss, _ = sequence_mutual_kl_loss(student, smask, teacher, 2, pair_weights=torch.tensor([0.0, 2.0]))
+    assert loss.item() == approx(2.0 * -0.5 / 2)  # pair 0 gated out, pair 1 doubled
+    loss.backward()
+    assert torch.equal(student.grad, torch.tensor([[0.0, 0.0, 0.0], [-1.0, -1.0, -1.0]]))
+    # token form: weights per position scale each position's KL
+    logits = torch.zeros(2, 2, 2)
+    logits[1, 0] = torch.tensor([math.log(3.0), 0.0])
+    mask = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    s_pos, t_pos = mutual_kl_positions(mask, torch.tensor([0]), torch.tensor([1]))
+    full, _ = token_mutual_kl_loss(logits, s_pos, t_pos, 1)
+    half, _ = token_mutual_kl_loss(logits, s_pos, t_pos, 1, position_weights=torch.tensor([0.5]))
+    assert half.item() == approx(0.5 * full.item())
+
+
+def test_mutual_teacher_nll_hand_worked():
+    teacher = torch.tensor([[-1.0, -2.0, 7.0], [-0.5, -0.5, -1.0]], requires_grad=True)
+    tmask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    loss, m = mutual_teacher_nll_loss(teacher, tmask, 2)
+    assert loss.item() == approx((1.5 + 2.0 / 3) / 2) and m["train/mutual_teacher_nll"].item() == loss.item()
+    loss.backward()
+    assert torch.allclose(teacher.grad, torch.tensor([[-0.25, -0.25, 0.0], [-1 / 6, -1 / 6, -1 / 6]]))
 
 
 def test_mutual_positions_mismatch_names_the_pair():
