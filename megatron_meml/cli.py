@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--recipe-dir", default=None, help="directory holding embedded-default[-mef].yaml")
     cp.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     cp.add_argument("--out", default=None, help="output directory (default <output_dir>/compare)")
+    cp.add_argument("--variant", action="append", default=[], metavar="'NAME: key=value ...'",
+                    help="an extra RL variant from MoE-SFT (repeatable)")
+    cp.add_argument("--only", default=None, help="comma-separated variants to run (MoE-SFT always runs)")
     cp.add_argument("overrides", nargs="*", help="overrides applied to every run, e.g. train.steps=20")
     rp = sub.add_parser("report", help="plots and summary.md of a run directory (written to RUN_DIR/report/)")
     rp.add_argument("run_dir", metavar="RUN_DIR")
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "compare":
         from megatron_meml.compare import run_compare
 
-        return run_compare(args.recipe_dir, args.overrides, [int(x) for x in args.seeds.split(",")], args.out)
+        return run_compare(args.recipe_dir, args.overrides, [int(x) for x in args.seeds.split(",")], args.out,
+                           variants=args.variant, only=args.only.split(",") if args.only else None)
     if args.cmd == "demo":
         from megatron_meml.demo import run_demo
 

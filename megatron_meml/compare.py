@@ -7,6 +7,10 @@ Variants (each a `meml` subprocess, as a user would run it):
   MEML-GRPO     RL from MoE-SFT: the paper's objective + inter-expert mutual learning + hard-example SFT
   MEML-no-IML   MEML-GRPO without mutual learning
   MEML-no-HSFT  MEML-GRPO without hard-example SFT
+  MEML-GRPO-paper  MEML-GRPO with the mutual-learning term exactly as the paper states it (sequence-summed, full
+                weight from step 1, every pair, no strong-expert protection), whatever the recipe sets
+Extra RL variants come from ``--variant "NAME: key=value ..."``; ``--only`` runs a subset (MoE-SFT always runs:
+it is every RL variant's start).
 Every RL variant sees the same problems, samples and steps (equal rollout budget). Every row is evaluated on the same
 held-out problems (the RL recipe's): greedy accuracy with the Expert0 prompt and with the best expert.
 """
@@ -21,20 +25,44 @@ from typing import Optional
 
 from megatron_meml.config import ConfigError, load_config
 
+PAPER_MUTUAL = ["algo.mutual_normalise=sequence", "algo.lambda_kl_warmup_steps=0",
+                "algo.mutual_min_student_logprob=null", "algo.mutual_teacher_nll=0.0"]
+"""The mutual-learning levers set to the paper's behaviour."""
 RL_VARIANTS = {
     "MoE-SFT-GRPO": ["algo.mutual_learning=false", "hard_examples.enabled=false", "algo.advantage=grpo",
                      "algo.policy_loss=clipped"],
     "MEML-GRPO": [],
     "MEML-no-IML": ["algo.mutual_learning=false"],
     "MEML-no-HSFT": ["hard_examples.enabled=false"],
+    "MEML-GRPO-paper": PAPER_MUTUAL,
 }
+SFT_VARIANTS = {"Expert0-SFT": ["algo.num_experts=1"], "MoE-SFT": []}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``"NAME: key=value key=value"`` -> (NAME, overrides)."""
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep or not name or " " in name or name in SFT_VARIANTS:
+        raise ValueError(f"--variant '{text}': expected 'NAME: key=value ...' with a new one-word NAME")
+    overrides = rest.split()
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"--variant '{name}': '{bad[0]}' is not a key=value override")
+    return name, overrides
 
 
 def _meml(argv: list[str], log: Path) -> None:
+    """Run one ``meml`` subprocess; skipped when an earlier compare finished the same command (its argv is kept
+    next to the log), so an interrupted or extended compare reuses what it already has."""
+    done = log.with_suffix(".done.json")
+    if done.exists() and json.loads(done.read_text()) == argv:
+        return
     with open(log, "w") as f:
         rc = subprocess.call([sys.executable, "-m", "megatron_meml.cli", *argv], stdout=f, stderr=subprocess.STDOUT)
     if rc != 0:
         raise RuntimeError(f"meml {' '.join(argv[:2])} failed (exit {rc}); see {log}")
+    done.write_text(json.dumps(argv))
 
 
 def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
@@ -47,16 +75,29 @@ def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
     return {"acc_expert0": acc[expert0], "acc_best_expert": acc["best_expert"]}
 
 
-def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str]) -> int:
+def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str], *,
+                variants: Optional[list[str]] = None, only: Optional[list[str]] = None) -> int:
     from megatron_meml.report import compare_stats, write_compare_table
 
     folder = Path(recipe_dir) if recipe_dir else Path(__file__).resolve().parents[1] / "recipes"
     mef, riel = folder / "embedded-default-mef.yaml", folder / "embedded-default.yaml"
     try:
         base = load_config(riel, overrides)
-    except ConfigError as e:
+        rl = dict(RL_VARIANTS)
+        for text in variants or []:
+            name, extra = parse_variant(text)
+            load_config(riel, [*overrides, *extra])  # a bad key fails now, not after an hour of runs
+            rl[name] = extra
+        if only:
+            unknown = sorted(set(only) - set(rl) - set(SFT_VARIANTS))
+            if unknown:
+                known = sorted(set(rl) | set(SFT_VARIANTS))
+                raise ValueError(f"--only: unknown variant(s) {unknown}; known: {known}")
+            rl = {k: v for k, v in rl.items() if k in only}
+    except (ConfigError, ValueError) as e:
         print(f"meml compare: {e}", file=sys.stderr)
         return 2
+    sft_runs = {k: v for k, v in SFT_VARIANTS.items() if not only or k in only or k == "MoE-SFT"}
     root = Path(out or Path(base.output_dir) / "compare")
     root.mkdir(parents=True, exist_ok=True)
     expert0 = base.experts.ids[0]
@@ -64,7 +105,6 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     t0 = time.perf_counter()
     for seed in seeds:
         common = [*overrides, f"seed={seed}", f"output_dir={root}", "logging.progress=off"]
-        sft_runs = {"Expert0-SFT": ["algo.num_experts=1"], "MoE-SFT": []}
         for variant, extra in sft_runs.items():
             name = f"{variant}-s{seed}"
             _meml(["sft", str(mef), *common, f"run_name={name}", "eval.max_problems=0", *extra], root / f"{name}.log")
@@ -74,7 +114,7 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
             rows.append({"variant": variant, "seed": seed, **_final_eval(root / f"{name}-eval", expert0)})
             print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
         moe = root / f"MoE-SFT-s{seed}" / "final_model"
-        for variant, extra in RL_VARIANTS.items():
+        for variant, extra in rl.items():
             name = f"{variant}-s{seed}"
             _meml(["train", str(riel), *common, f"run_name={name}", f"model.megatron_path={moe}", *extra],
                   root / f"{name}.log")
