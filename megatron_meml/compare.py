@@ -77,7 +77,7 @@ def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
 
 def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str], *,
                 variants: Optional[list[str]] = None, only: Optional[list[str]] = None) -> int:
-    from megatron_meml.report import compare_stats, write_compare_table
+    from megatron_meml.report import compare_stats, paired_differences, write_compare_table
 
     folder = Path(recipe_dir) if recipe_dir else Path(__file__).resolve().parents[1] / "recipes"
     mef, riel = folder / "embedded-default-mef.yaml", folder / "embedded-default.yaml"
@@ -127,5 +127,10 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     for variant, per in stats.items():
         cells = "  ".join(f"{m} {mu:.3f} ± {sd:.3f}" for m, (mu, sd, _) in per.items())
         print(f"  {variant:14s} {cells}")
+    paired = paired_differences(rows, "MoE-SFT-GRPO", "acc_expert0")
+    if paired:
+        print("[compare] Expert0-prompt accuracy minus MoE-SFT-GRPO's on the same seed (mean ± std):")
+        for variant, (mu, sd, n) in paired.items():
+            print(f"  {variant:14s} {mu:+.3f} ± {sd:.3f} ({n} seeds)")
     print(f"[compare] table: {root / 'compare.md'}, plot: {root / 'compare.png'}")
     return 0

@@ -365,6 +365,19 @@ def compare_stats(rows: Sequence[Mapping[str, object]]) -> dict[str, dict[str, t
                       for m, vs in per.items()} for variant, per in values.items()}
 
 
+def paired_differences(rows: Sequence[Mapping[str, object]], baseline: str,
+                       metric: str) -> dict[str, tuple[float, float, int]]:
+    """variant -> (mean, sample std, seeds) of ``metric`` minus the baseline's on the same seed, over the seeds both
+    have (the RL variants of one seed share their MoE-SFT start, so this removes the start's variance)."""
+    base = {str(r["seed"]): float(r[metric]) for r in rows if str(r["variant"]) == baseline and metric in r}
+    diffs: dict[str, list[float]] = {}
+    for r in rows:
+        v, seed = str(r["variant"]), str(r["seed"])
+        if v != baseline and metric in r and seed in base:
+            diffs.setdefault(v, []).append(float(r[metric]) - base[seed])
+    return {v: (statistics.fmean(d), statistics.stdev(d) if len(d) > 1 else 0.0, len(d)) for v, d in diffs.items()}
+
+
 def _metric_order(rows: Sequence[Mapping[str, object]]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
@@ -376,9 +389,15 @@ def _mean_std(mean: float, std: float, n: int) -> str:
     return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f} (one seed)"
 
 
-def write_compare_table(rows: Sequence[Mapping[str, object]], out_dir: Path | str) -> list[Path]:
-    """compare.md (mean ± sample std over seeds per variant and metric) and compare.png (bars with std error
-    bars, one dot per seed) in ``out_dir``; returns both paths."""
+def _signed_mean_std(mean: float, std: float, n: int) -> str:
+    return f"{mean:+.3f} ± {std:.3f}" if n > 1 else f"{mean:+.3f} (one seed)"
+
+
+def write_compare_table(rows: Sequence[Mapping[str, object]], out_dir: Path | str, *,
+                        baseline: str = "MoE-SFT-GRPO") -> list[Path]:
+    """compare.md (mean ± sample std over seeds per variant and metric, then each variant's paired difference to
+    ``baseline`` when it is present) and compare.png (bars with std error bars, one dot per seed) in ``out_dir``;
+    returns both paths."""
     if not rows:
         raise ValueError("write_compare_table: no rows")
     out = Path(out_dir)
@@ -391,8 +410,19 @@ def write_compare_table(rows: Sequence[Mapping[str, object]], out_dir: Path | st
         cells = [_mean_std(*per[m]) if m in per else "-" for m in metrics]
         lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
     note = f"Mean ± sample standard deviation over seeds ({', '.join(seeds)})."
+    paired = []
+    if baseline in stats:
+        paired = [f"Paired difference to {baseline} on the same seed (mean ± std over seeds):", "",
+                  "| variant | " + " | ".join(metrics) + " |", "| --- |" + " --- |" * len(metrics)]
+        per_metric = {m: paired_differences(rows, baseline, m) for m in metrics}
+        for variant in stats:
+            if variant != baseline and any(variant in d for d in per_metric.values()):
+                cells = [_signed_mean_std(*per_metric[m][variant]) if variant in per_metric[m] else "-"
+                         for m in metrics]
+                paired.append(f"| {variant} | " + " | ".join(cells) + " |")
+        paired.append("")
     md = out / "compare.md"
-    md.write_text("\n".join([note, "", *lines, ""]), encoding="utf-8")
+    md.write_text("\n".join([note, "", *lines, "", *paired]), encoding="utf-8")
     return [md, _plot_compare(rows, stats, metrics, out / "compare.png")]
 
 

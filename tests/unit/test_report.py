@@ -10,7 +10,8 @@ import pytest
 from megatron_meml.cli import main
 from megatron_meml.metrics import MetricsLogger
 from megatron_meml.metrics_config import LoggingConfig
-from megatron_meml.report import compare_stats, final_eval, write_compare_table, write_report
+from megatron_meml.report import (compare_stats, final_eval, paired_differences, write_compare_table,
+                                  write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -140,4 +141,11 @@ def test_compare_table_and_plot(tmp_path):
     assert lines[4] == "| MoE-SFT-GRPO | 3 | 0.070 ± 0.035 | 0.500 ± 0.000 |"
     assert lines[5] == "| MEML-GRPO | 3 | 0.200 ± 0.100 | 0.700 ± 0.173 |"
     assert lines[6] == "| Expert0-SFT | 1 | 0.400 (one seed) | - |"
+    # paired: MEML - GRPO per seed = .05, .15, .19 (mean .13, std sqrt(.0052)); best .1, .1, .4 (mean .2, std
+    # sqrt(.03)); Expert0-SFT has seed 1 only: .4 - .05
+    assert lines[8] == "Paired difference to MoE-SFT-GRPO on the same seed (mean ± std over seeds):"
+    assert lines[12] == "| MEML-GRPO | +0.130 ± 0.072 | +0.200 ± 0.173 |"
+    assert lines[13] == "| Expert0-SFT | +0.350 (one seed) | - |"
+    assert paired_differences(ROWS, "MoE-SFT-GRPO", "acc_expert0")["MEML-GRPO"] == (
+        pytest.approx(0.13), pytest.approx(math.sqrt(0.0052)), 3)
     json.dumps(compare_stats(ROWS))  # plain data, ready for a results file
