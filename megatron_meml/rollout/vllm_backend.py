@@ -85,6 +85,7 @@ class VLLMBackend:
                 "directory (config.json, safetensors, tokenizer), head_dim >= 32 on CPU, and rollout.kv_cache_gb / "
                 "rollout.gpu_memory_utilization.") from e
         self.startup_seconds = time.perf_counter() - t0
+        self._stream_tokenizer = _stream_tokenizer(self.llm.get_tokenizer())
 
     # ------------------------------------------------------------------------------------------- generation
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
@@ -95,19 +96,44 @@ class VLLMBackend:
         if self.on_cpu and seed is not None:  # per-request seeds break vLLM-CPU's sampler: reseed the engine
             self.llm.collective_rpc("meml_reseed", args=(int(seed),))
             seed = None
+        # The engine returns token ids and flat log-probs only; the text is decoded here, once per completion
+        # (vLLM's output processor would also decode every sampled token for its log-prob entry, every step).
         params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
                                 max_tokens=spec.max_tokens, stop_token_ids=list(spec.stop_token_ids),
-                                seed=seed, logprobs=0)
+                                seed=seed, logprobs=0, flat_logprobs=True, detokenize=self._stream_tokenizer is None)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                  use_tqdm=False)
         result: list[Completion] = []
         for prompt, out in zip(prompts, outs):
+            prompt = list(prompt)
             for c in out.outputs:
                 ids = list(c.token_ids)
-                lps = [_chosen_logprob(d, t) for d, t in zip(c.logprobs or [], ids)]
-                result.append(Completion(prompt_ids=list(prompt), token_ids=ids, text=c.text, logprobs=lps,
-                                         finish_reason=str(c.finish_reason)))
+                reason = str(c.finish_reason)
+                text = c.text if self._stream_tokenizer is None else self._decode(prompt, ids, reason == "stop")
+                result.append(Completion(prompt_ids=prompt, token_ids=ids, text=text,
+                                         logprobs=_sampled_logprobs(c.logprobs, ids), finish_reason=reason))
         return result
+
+    def _decode(self, prompt: list[int], ids: list[int], stopped: bool) -> str:
+        """The text vLLM's fast incremental detokenizer gives (skip_special_tokens, a DecodeStream primed with the
+        prompt; the stop token of a stopped sequence is not decoded)."""
+        import tokenizers.decoders
+
+        tok = self._stream_tokenizer
+        stream = tokenizers.decoders.DecodeStream(ids=prompt, skip_special_tokens=True)
+        parts = []
+        for t in ids[:-1] if stopped and ids else ids:
+            try:
+                piece = stream.step(tok, t)
+            except (OverflowError, TypeError):  # vLLM logs these and emits nothing for the token
+                piece = None
+            except Exception as e:  # noqa: BLE001 - vLLM's recovery from a non-monotonic UTF-8 prefix, mirrored
+                if not str(e).startswith("Invalid prefix encountered"):
+                    raise
+                stream = tokenizers.decoders.DecodeStream(skip_special_tokens=True)
+                piece = stream.step(tok, t)
+            parts.append(piece or "")
+        return "".join(parts)
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(x_t | x_<t) for t >= 1 of each sequence ([len - 1] each), as the engine computes them."""
@@ -165,6 +191,25 @@ class VLLMBackend:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         self.llm = None
+
+
+def _stream_tokenizer(tokenizer):
+    """The Rust tokenizer vLLM's fast incremental detokenizer steps through, or None where vLLM falls back to its
+    slow Python detokenizer (then the engine keeps detokenizing, as its text is what a Completion carries)."""
+    from vllm.v1.engine.detokenizer import uses_fast_detokenizer
+
+    return tokenizer._tokenizer if tokenizer is not None and uses_fast_detokenizer(tokenizer) else None
+
+
+def _sampled_logprobs(flat, ids: list[int]) -> list[float]:
+    """[len(ids)] log-probs of the sampled tokens from vLLM's FlatLogprobs of a ``logprobs=0`` request: one entry
+    per position, the sampled token's, read as one list; any other layout goes position by position."""
+    if flat is not None and flat.token_ids == ids and len(flat.logprobs) == len(ids):
+        return list(flat.logprobs)
+    if flat is None or len(flat) != len(ids):
+        raise RolloutEngineError(f"vLLM returned log-probs for {0 if flat is None else len(flat)} of "
+                                 f"{len(ids)} sampled tokens")
+    return [_chosen_logprob(d, t) for d, t in zip(flat, ids)]
 
 
 def _chosen_logprob(entry, token: int) -> float:
