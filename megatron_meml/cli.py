@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default=None, help="output directory (default <output_dir>/compare)")
     cp.add_argument("--variant", action="append", default=[], metavar="'NAME: key=value ...'",
                     help="an extra RL variant from MoE-SFT (repeatable)")
-    cp.add_argument("--only", default=None, help="comma-separated variants to run (MoE-SFT always runs)")
+    cp.add_argument("--only", default=None, help="comma-separated built-in variants to run (MoE-SFT and the "
+                                                 "--variant rows always run)")
     cp.add_argument("overrides", nargs="*", help="overrides applied to every run, e.g. train.steps=20")
     rp = sub.add_parser("report", help="plots and summary.md of a run directory (written to RUN_DIR/report/)")
     rp.add_argument("run_dir", metavar="RUN_DIR")

@@ -9,8 +9,8 @@ Variants (each a `meml` subprocess, as a user would run it):
   MEML-no-HSFT  MEML-GRPO without hard-example SFT
   MEML-GRPO-paper  MEML-GRPO with the mutual-learning term exactly as the paper states it (sequence-summed, full
                 weight from step 1, every pair, no strong-expert protection), whatever the recipe sets
-Extra RL variants come from ``--variant "NAME: key=value ..."``; ``--only`` runs a subset (MoE-SFT always runs:
-it is every RL variant's start).
+Extra RL variants come from ``--variant "NAME: key=value ..."`` (always run); ``--only`` runs a subset of the
+built-in rows (MoE-SFT always runs: it is every RL variant's start).
 Every RL variant sees the same problems, samples and steps (equal rollout budget). Every row is evaluated on the same
 held-out problems (the RL recipe's): greedy accuracy with the Expert0 prompt and with the best expert.
 """
@@ -83,17 +83,15 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     mef, riel = folder / "embedded-default-mef.yaml", folder / "embedded-default.yaml"
     try:
         base = load_config(riel, overrides)
-        rl = dict(RL_VARIANTS)
-        for text in variants or []:
-            name, extra = parse_variant(text)
+        extra_rl = dict(parse_variant(text) for text in variants or [])
+        for extra in extra_rl.values():
             load_config(riel, [*overrides, *extra])  # a bad key fails now, not after an hour of runs
-            rl[name] = extra
         if only:
-            unknown = sorted(set(only) - set(rl) - set(SFT_VARIANTS))
+            unknown = sorted(set(only) - set(RL_VARIANTS) - set(SFT_VARIANTS) - set(extra_rl))
             if unknown:
-                known = sorted(set(rl) | set(SFT_VARIANTS))
-                raise ValueError(f"--only: unknown variant(s) {unknown}; known: {known}")
-            rl = {k: v for k, v in rl.items() if k in only}
+                known = sorted(set(RL_VARIANTS) | set(SFT_VARIANTS))
+                raise ValueError(f"--only: unknown variant(s) {unknown}; known: {known} and the --variant names")
+        rl = {k: v for k, v in RL_VARIANTS.items() if not only or k in only} | extra_rl
     except (ConfigError, ValueError) as e:
         print(f"meml compare: {e}", file=sys.stderr)
         return 2
