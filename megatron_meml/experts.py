@@ -187,9 +187,10 @@ class ExpertSet:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ------------------------------------------------------------------------------------------ targets
-    def gold_response(self, expert: int, problem: Problem) -> str:
-        """Gold work in this expert's style (synthetic) or the problem's solution, then the answer line."""
-        style = self.experts[expert].style
+    def gold_response(self, expert: int, problem: Problem, *, own_style: bool = True) -> str:
+        """Gold work in this expert's style (synthetic; with own_style) or the problem's solution, then the answer
+        line."""
+        style = self.experts[expert].style if own_style else None
         solutions = problem.meta.get("solutions") if isinstance(problem.meta, dict) else None
         body = solutions[style] if style and isinstance(solutions, dict) and style in solutions else problem.solution
         line = format_answer(problem.answer, self.cfg.answer_format)

@@ -71,12 +71,14 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
 
 
 def hard_sft_examples(ctx: RunContext, examples: list[Any]) -> list[Any]:
-    """SFT rows for drawn hard examples: the expert's own gold style when the problem is in this run's data."""
-    by_id = ctx.problems_by_id
+    """SFT rows for drawn hard examples: the expert's own gold style (hard_examples.target=expert_style, when the
+    problem is in this run's data and has one) or the problem's solution."""
+    by_id, own_style = ctx.problems_by_id, ctx.cfg.hard_examples.target == "expert_style"
     out = []
     for e in examples:
         problem = by_id.get(e.problem_id) or e.to_problem()
-        out.append(ctx.experts.sft_example(e.expert, problem, ctx.experts.gold_response(e.expert, problem)))
+        target = ctx.experts.gold_response(e.expert, problem, own_style=own_style)
+        out.append(ctx.experts.sft_example(e.expert, problem, target))
     return out
 
 

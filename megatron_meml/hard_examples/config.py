@@ -26,8 +26,14 @@ class HardExampleConfig:
     """A later rollout retires its entry with at least this many correct of G; None: when no longer hard."""
     seed_from: Optional[str] = None
     """Start from another job's store directory (its entries, with replay counts reset)."""
+    target: str = "expert_style"
+    """SFT target of a replayed (problem, expert): expert_style (gold work in that expert's style where the data has
+    one, as the synthetic family does; else the problem's solution) or solution (the problem's own solution for
+    every expert: the paper's (Q, P_i, ground-truth solution))."""
 
     def __post_init__(self) -> None:
+        if self.target not in ("expert_style", "solution"):
+            raise ValueError(f"hard_examples.target must be 'expert_style' or 'solution', got '{self.target}'")
         if self.k_wrong < 0:
             raise ValueError(f"hard_examples.k_wrong must be >= 0, got {self.k_wrong}")
         if self.admit_prob is not None and not 0.0 <= self.admit_prob <= 1.0:

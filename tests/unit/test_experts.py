@@ -58,14 +58,16 @@ def test_config_checks_name_the_field(kwargs, field):
 def test_plain_rendering_and_sft_mask_hand_worked():
     es = synthetic_expert_set(ExpertsConfig(), 3)
     tok = es.tokenizer
-    p = Problem(id="x", question="12+34", answer="046", meta={"solutions": {"direct": "", "steps": "1+3=04",
-                                                                            "columns": "2 4 6 0\n1 3 4 0"}})
+    p = Problem(id="x", question="12+34", answer="046", solution="1+3=04",
+                meta={"solutions": {"direct": "", "steps": "1+3=04", "columns": "2 4 6 0\n1 3 4 0"}})
     assert es.prompt_text(0, p) == "Answer only. End with #### and the final answer.\n12+34\n"
     ids = es.prompt_ids(0, p)
     assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == es.prompt_text(0, p)
     assert es.gold_response(0, p) == "#### 046"
     assert es.gold_response(1, p) == "1+3=04\n#### 046"
     assert es.gold_response(2, p) == "2 4 6 0\n1 3 4 0\n#### 046"
+    # hard_examples.target=solution: the problem's own solution whatever the expert's style
+    assert es.gold_response(0, p, own_style=False) == es.gold_response(2, p, own_style=False) == "1+3=04\n#### 046"
     ex = es.sft_example(0, p, "#### 046")
     P = len(ids)
     assert ex.prompt_len == P and ex.tokens[:P] == ids

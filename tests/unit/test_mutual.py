@@ -49,3 +49,23 @@ def test_pair_rows_carry_the_scheduled_weight():
                                                   (9, 4, 1.0)])
 def test_mutual_weight_warmup(step, warmup, expected):
     assert mutual_weight(step, warmup) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("target", ["expert_style", "solution"])
+def test_hard_example_sft_target(target):
+    from types import SimpleNamespace
+
+    from megatron_meml.config import load_config
+    from megatron_meml.hard_examples.example import HardExample
+    from megatron_meml.loop import hard_sft_examples
+
+    experts = synthetic_expert_set(ExpertsConfig(), 3)
+    p = _problems(1)[0]
+    cfg = load_config(None, [f"hard_examples.target={target}"])
+    ctx = SimpleNamespace(cfg=cfg, experts=experts, problems_by_id={p.id: p})
+    drawn = [HardExample(problem_id=p.id, expert=2, question=p.question, solution=p.solution, answer=p.answer,
+                         admitted_step=1, wrong=8, group_size=8)]
+    (row,) = hard_sft_examples(ctx, drawn)
+    want = experts.gold_response(2, p, own_style=target == "expert_style")
+    assert row.tokens == experts.sft_example(2, p, want).tokens
+    assert (p.meta["solutions"]["columns"] in want) == (target == "expert_style")
