@@ -16,6 +16,7 @@ held-out problems (the RL recipe's): greedy accuracy with the Expert0 prompt and
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -52,17 +53,19 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
-def _meml(argv: list[str], log: Path) -> None:
-    """Run one ``meml`` subprocess; skipped when an earlier compare finished the same command (its argv is kept
-    next to the log), so an interrupted or extended compare reuses what it already has."""
+def _meml(argv: list[str], log: Path, recipes: str) -> None:
+    """Run one ``meml`` subprocess; skipped when an earlier compare finished the same command on the same recipe
+    files (argv and the recipes' sha256 are kept next to the log), so an interrupted or extended compare reuses what
+    it already has."""
     done = log.with_suffix(".done.json")
-    if done.exists() and json.loads(done.read_text()) == argv:
+    stamp = {"argv": argv, "recipes": recipes}
+    if done.exists() and json.loads(done.read_text()) == stamp:
         return
     with open(log, "w") as f:
         rc = subprocess.call([sys.executable, "-m", "megatron_meml.cli", *argv], stdout=f, stderr=subprocess.STDOUT)
     if rc != 0:
         raise RuntimeError(f"meml {' '.join(argv[:2])} failed (exit {rc}); see {log}")
-    done.write_text(json.dumps(argv))
+    done.write_text(json.dumps(stamp))
 
 
 def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
@@ -95,6 +98,7 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     except (ConfigError, ValueError) as e:
         print(f"meml compare: {e}", file=sys.stderr)
         return 2
+    recipes = hashlib.sha256(mef.read_bytes() + riel.read_bytes()).hexdigest()
     sft_runs = {k: v for k, v in SFT_VARIANTS.items() if not only or k in only or k == "MoE-SFT"}
     root = Path(out or Path(base.output_dir) / "compare")
     root.mkdir(parents=True, exist_ok=True)
@@ -105,17 +109,18 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
         common = [*overrides, f"seed={seed}", f"output_dir={root}", "logging.progress=off"]
         for variant, extra in sft_runs.items():
             name = f"{variant}-s{seed}"
-            _meml(["sft", str(mef), *common, f"run_name={name}", "eval.max_problems=0", *extra], root / f"{name}.log")
+            _meml(["sft", str(mef), *common, f"run_name={name}", "eval.max_problems=0", *extra], root / f"{name}.log",
+                  recipes)
             # evaluated on the RL recipe's held-out problems, like the RL variants (same problems for every row)
             _meml(["eval", str(riel), *common, f"run_name={name}-eval", *extra, "--checkpoint",
-                   str(root / name / "final_model")], root / f"{name}-eval.log")
+                   str(root / name / "final_model")], root / f"{name}-eval.log", recipes)
             rows.append({"variant": variant, "seed": seed, **_final_eval(root / f"{name}-eval", expert0)})
             print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
         moe = root / f"MoE-SFT-s{seed}" / "final_model"
         for variant, extra in rl.items():
             name = f"{variant}-s{seed}"
             _meml(["train", str(riel), *common, f"run_name={name}", f"model.megatron_path={moe}", *extra],
-                  root / f"{name}.log")
+                  root / f"{name}.log", recipes)
             rows.append({"variant": variant, "seed": seed, **_final_eval(root / name, expert0)})
             print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
