@@ -86,6 +86,7 @@ class VLLMBackend:
                 "rollout.gpu_memory_utilization.") from e
         self.startup_seconds = time.perf_counter() - t0
         self._stream_tokenizer = _stream_tokenizer(self.llm.get_tokenizer())
+        self._flat_logprobs = _supports_flat_logprobs()
 
     # ------------------------------------------------------------------------------------------- generation
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
@@ -100,7 +101,8 @@ class VLLMBackend:
         # (vLLM's output processor would also decode every sampled token for its log-prob entry, every step).
         params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
                                 max_tokens=spec.max_tokens, stop_token_ids=list(spec.stop_token_ids),
-                                seed=seed, logprobs=0, flat_logprobs=True, detokenize=self._stream_tokenizer is None)
+                                seed=seed, logprobs=0, detokenize=self._stream_tokenizer is None,
+                                **({"flat_logprobs": True} if self._flat_logprobs else {}))
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                  use_tqdm=False)
         result: list[Completion] = []
@@ -196,20 +198,30 @@ class VLLMBackend:
 def _stream_tokenizer(tokenizer):
     """The Rust tokenizer vLLM's fast incremental detokenizer steps through, or None where vLLM falls back to its
     slow Python detokenizer (then the engine keeps detokenizing, as its text is what a Completion carries)."""
-    from vllm.v1.engine.detokenizer import uses_fast_detokenizer
-
+    try:
+        from vllm.v1.engine.detokenizer import uses_fast_detokenizer
+    except ImportError:  # a vLLM without it (GPU installs allow older ones): the engine detokenizes
+        return None
     return tokenizer._tokenizer if tokenizer is not None and uses_fast_detokenizer(tokenizer) else None
 
 
-def _sampled_logprobs(flat, ids: list[int]) -> list[float]:
-    """[len(ids)] log-probs of the sampled tokens from vLLM's FlatLogprobs of a ``logprobs=0`` request: one entry
-    per position, the sampled token's, read as one list; any other layout goes position by position."""
-    if flat is not None and flat.token_ids == ids and len(flat.logprobs) == len(ids):
-        return list(flat.logprobs)
-    if flat is None or len(flat) != len(ids):
-        raise RolloutEngineError(f"vLLM returned log-probs for {0 if flat is None else len(flat)} of "
+def _supports_flat_logprobs() -> bool:
+    """Whether this vLLM's SamplingParams has ``flat_logprobs`` (log-probs as flat lists, not a dict per token)."""
+    from vllm import SamplingParams
+
+    return "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
+
+
+def _sampled_logprobs(lps, ids: list[int]) -> list[float]:
+    """[len(ids)] log-probs of the sampled tokens of a ``logprobs=0`` request. vLLM's FlatLogprobs holds one entry
+    per position, the sampled token's, read as one list; any other layout (a dict per position) goes position by
+    position."""
+    if getattr(lps, "token_ids", None) == ids and len(lps.logprobs) == len(ids):
+        return list(lps.logprobs)
+    if lps is None or len(lps) != len(ids):
+        raise RolloutEngineError(f"vLLM returned log-probs for {0 if lps is None else len(lps)} of "
                                  f"{len(ids)} sampled tokens")
-    return [_chosen_logprob(d, t) for d, t in zip(flat, ids)]
+    return [_chosen_logprob(d, t) for d, t in zip(lps, ids)]
 
 
 def _chosen_logprob(entry, token: int) -> float:

@@ -81,3 +81,23 @@ def test_text_equals_vllm_detokenizer(engine, stops):
     if stops:
         stopped = [c for c in ours if c.finish_reason == "stop" and c.token_ids[-1] in stops]
         assert stopped and all(len(c.logprobs) == len(c.token_ids) for c in stopped)
+
+
+def test_sampled_logprobs_flat_and_per_position_layouts():
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from megatron_meml.rollout.vllm_backend import RolloutEngineError, _sampled_logprobs
+
+    flat = FlatLogprobs()
+    flat.append({5: Logprob(logprob=-0.5, rank=2)})
+    flat.append({7: Logprob(logprob=-1.25, rank=1)})
+    assert _sampled_logprobs(flat, [5, 7]) == [-0.5, -1.25]
+    wider = FlatLogprobs()  # top-1 entries besides the sampled one: read position by position
+    wider.append({5: Logprob(logprob=-0.5), 3: Logprob(logprob=-0.25)})
+    wider.append({7: Logprob(logprob=-1.25)})
+    assert _sampled_logprobs(wider, [5, 7]) == [-0.5, -1.25]
+    dicts = [{5: Logprob(logprob=-0.5)}, {7: Logprob(logprob=-1.25), 1: Logprob(logprob=-0.75)}]
+    assert _sampled_logprobs(dicts, [5, 7]) == [-0.5, -1.25]
+    for bad in (flat, None):
+        with pytest.raises(RolloutEngineError, match="log-probs for"):
+            _sampled_logprobs(bad, [5, 7, 9])
