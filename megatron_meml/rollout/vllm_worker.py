@@ -9,6 +9,7 @@ sends only the manifest over the engine RPC: ``[(name, dtype name, shape, byte o
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -97,6 +98,21 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
+class _RopeReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning: rotary embeddings have no checkpoint weights
+    (their cos/sin cache is computed), so every in-place reload logged it once per layer, every step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
+def quiet_rope_reload_warning() -> None:
+    """Install ``_RopeReloadFilter`` on vLLM's layerwise-reload logger, once per process."""
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RopeReloadFilter) for f in logger.filters):
+        logger.addFilter(_RopeReloadFilter())
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker class via ``worker_extension_cls``; methods are called with ``collective_rpc``."""
 
@@ -138,6 +154,7 @@ class WeightSyncExtension:
         random.seed(seed)
 
     def _meml_reload(self, tensors: dict, tied: bool) -> int:
+        quiet_rope_reload_warning()
         if tied:  # the in-place reload unties lm_head from the embedding on CPU: load it explicitly
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         self.reload_weights(weights_iterator=list(tensors.items()), is_checkpoint_format=True)  # type: ignore[attr-defined]

@@ -101,3 +101,20 @@ def test_sampled_logprobs_flat_and_per_position_layouts():
     for bad in (flat, None):
         with pytest.raises(RolloutEngineError, match="log-probs for"):
             _sampled_logprobs(bad, [5, 7, 9])
+
+
+def test_rope_reload_warning_is_filtered_and_nothing_else():
+    import logging
+
+    from megatron_meml.rollout.vllm_worker import quiet_rope_reload_warning
+
+    quiet_rope_reload_warning()
+    quiet_rope_reload_warning()  # once per process
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    assert len(logger.filters) == 1
+
+    def record(*args):
+        return logging.LogRecord(logger.name, logging.WARNING, __file__, 1, "%s: Failed to load weights", args, None)
+
+    assert not logger.filters[0].filter(record("RotaryEmbedding"))
+    assert logger.filters[0].filter(record("QKVParallelLinear"))  # a real failed load still shows
