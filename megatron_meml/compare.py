@@ -68,14 +68,26 @@ def _meml(argv: list[str], log: Path, recipes: str) -> None:
     done.write_text(json.dumps(stamp))
 
 
+REWARD_WINDOW = 10
+"""acc_reward_best picks the expert with the highest mean sampled reward over the last this many RIEL steps."""
+
+
 def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
+    """acc_expert0; acc_best_expert (the expert best on the held-out problems themselves: optimistic); for RL runs
+    acc_reward_best (the expert with the highest training reward over the last REWARD_WINDOW steps, chosen without
+    looking at the held-out problems)."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     evals = [r for r in rows if r["stage"] == "eval"]
     if not evals:
         raise RuntimeError(f"{run_dir}: no evaluation was logged")
     last = evals[-1]
     acc = {k.split("/")[2]: v for k, v in last.items() if k.startswith("eval/") and k.endswith("/accuracy")}
-    return {"acc_expert0": acc[expert0], "acc_best_expert": acc["best_expert"]}
+    out = {"acc_expert0": acc[expert0], "acc_best_expert": acc["best_expert"]}
+    recent = [r for r in rows if r["stage"] == "train"][-REWARD_WINDOW:]
+    reward = {e: sum(r.get(f"expert/{e}/reward_mean", 0.0) for r in recent) for e in acc if e != "best_expert"}
+    if recent and any(f"expert/{e}/reward_mean" in r for r in recent for e in reward):
+        out["acc_reward_best"] = acc[max(reward, key=lambda e: (reward[e], e == expert0))]
+    return out
 
 
 def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str], *,

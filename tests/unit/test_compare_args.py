@@ -33,3 +33,19 @@ def test_bad_compare_input_fails_before_running(tmp_path, capsys, kwargs, messag
     assert run_compare(None, [], [1], str(tmp_path / "cmp"), **kwargs) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_final_eval_columns(tmp_path):
+    import json
+
+    from megatron_meml.compare import REWARD_WINDOW, _final_eval
+
+    ev = {"stage": "eval", "step": 12, "eval/synthetic/a/accuracy": 0.2, "eval/synthetic/b/accuracy": 0.3,
+          "eval/synthetic/c/accuracy": 0.5, "eval/synthetic/best_expert/accuracy": 0.5}
+    train = [{"stage": "train", "step": s, "expert/a/reward_mean": 0.1,
+              "expert/b/reward_mean": 0.9 if s > 12 - REWARD_WINDOW else 0.0,   # b leads over the window
+              "expert/c/reward_mean": 0.5 if s > 12 - REWARD_WINDOW else 5.0} for s in range(1, 13)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [*train, ev]))
+    assert _final_eval(tmp_path, "a") == {"acc_expert0": 0.2, "acc_best_expert": 0.5, "acc_reward_best": 0.3}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(ev))  # an SFT row: no training reward, no column
+    assert _final_eval(tmp_path, "a") == {"acc_expert0": 0.2, "acc_best_expert": 0.5}
