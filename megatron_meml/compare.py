@@ -4,7 +4,8 @@ Variants (each a `meml` subprocess, as a user would run it):
   Expert0-SFT   MEF on the ground-truth expert only
   MoE-SFT       MEF on all K experts (stage 1 of every RL variant below, one per seed)
   MoE-SFT-GRPO  RL from MoE-SFT: K experts, standard GRPO (std-normalised advantages, clipped ratio), no MEML parts
-  MEML-GRPO     RL from MoE-SFT: the paper's objective + inter-expert mutual learning + hard-example SFT
+  MEML-GRPO     RL from MoE-SFT: the paper's objective + inter-expert mutual learning (as the recipe sets its levers,
+                docs/mutual_learning.md) + hard-example SFT
   MEML-no-IML   MEML-GRPO without mutual learning
   MEML-no-HSFT  MEML-GRPO without hard-example SFT
   MEML-GRPO-paper  MEML-GRPO with the mutual-learning term exactly as the paper states it (sequence-summed, full
@@ -12,7 +13,8 @@ Variants (each a `meml` subprocess, as a user would run it):
 Extra RL variants come from ``--variant "NAME: key=value ..."`` (always run); ``--only`` runs a subset of the
 built-in rows (MoE-SFT always runs: it is every RL variant's start).
 Every RL variant sees the same problems, samples and steps (equal rollout budget). Every row is evaluated on the same
-held-out problems (the RL recipe's): greedy accuracy with the Expert0 prompt and with the best expert.
+held-out problems (the RL recipe's): greedy accuracy with the Expert0 prompt, with the expert best on those problems
+and, for RL rows, with the expert of highest training reward (``_final_eval``).
 """
 from __future__ import annotations
 
@@ -90,6 +92,21 @@ def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
     return out
 
 
+def _select_variants(riel: Path, overrides: list[str], variants: list[str], only: Optional[list[str]]):
+    """(SFT rows, RL rows) to run, each name -> overrides; every --variant's overrides are checked against the recipe
+    here, so a bad key fails before an hour of runs."""
+    extra_rl = dict(parse_variant(text) for text in variants)
+    for extra in extra_rl.values():
+        load_config(riel, [*overrides, *extra])
+    if only:
+        unknown = sorted(set(only) - set(RL_VARIANTS) - set(SFT_VARIANTS) - set(extra_rl))
+        if unknown:
+            known = sorted(set(RL_VARIANTS) | set(SFT_VARIANTS))
+            raise ValueError(f"--only: unknown variant(s) {unknown}; known: {known} and the --variant names")
+    sft = {k: v for k, v in SFT_VARIANTS.items() if not only or k in only or k == "MoE-SFT"}
+    return sft, {k: v for k, v in RL_VARIANTS.items() if not only or k in only} | extra_rl
+
+
 def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str], *,
                 variants: Optional[list[str]] = None, only: Optional[list[str]] = None) -> int:
     from megatron_meml.report import compare_stats, paired_differences, write_compare_table
@@ -98,20 +115,11 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     mef, riel = folder / "embedded-default-mef.yaml", folder / "embedded-default.yaml"
     try:
         base = load_config(riel, overrides)
-        extra_rl = dict(parse_variant(text) for text in variants or [])
-        for extra in extra_rl.values():
-            load_config(riel, [*overrides, *extra])  # a bad key fails now, not after an hour of runs
-        if only:
-            unknown = sorted(set(only) - set(RL_VARIANTS) - set(SFT_VARIANTS) - set(extra_rl))
-            if unknown:
-                known = sorted(set(RL_VARIANTS) | set(SFT_VARIANTS))
-                raise ValueError(f"--only: unknown variant(s) {unknown}; known: {known} and the --variant names")
-        rl = {k: v for k, v in RL_VARIANTS.items() if not only or k in only} | extra_rl
+        sft_runs, rl = _select_variants(riel, overrides, variants or [], only)
     except (ConfigError, ValueError) as e:
         print(f"meml compare: {e}", file=sys.stderr)
         return 2
     recipes = hashlib.sha256(mef.read_bytes() + riel.read_bytes()).hexdigest()
-    sft_runs = {k: v for k, v in SFT_VARIANTS.items() if not only or k in only or k == "MoE-SFT"}
     root = Path(out or Path(base.output_dir) / "compare")
     root.mkdir(parents=True, exist_ok=True)
     expert0 = base.experts.ids[0]
