@@ -40,6 +40,8 @@ REDUCTIONS: dict[str, str] = {
     "rollout/num_samples": "sum",
     "rollout/num_prompts": "sum",
     "rollout/tokens": "sum",
+    "rollout/mutual_pairs": "sum",  # counts, comparable with train/mutual_active_pairs (already a global sum)
+    "rollout/train_rows": "sum",
     "reward/": "mean",
     "expert/": "mean",
     # The trainer already reduces train/* over DP and broadcasts over PP (identical on every rank); the

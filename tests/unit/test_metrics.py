@@ -191,6 +191,7 @@ def test_phase_timers_accumulate_and_pop_resets():
 def test_reduction_table_rules():
     assert reduction_for("rollout/response_len") == "mean"
     assert reduction_for("rollout/num_samples") == "sum"  # full name beats its namespace
+    assert reduction_for("rollout/mutual_pairs") == "sum"  # a count, like train/mutual_active_pairs
     assert reduction_for("expert/3/reward_mean") == "mean"
     assert reduction_for("hard/expert/1/size") == "last"
     assert reduction_for("timing/rollout") == "max"
