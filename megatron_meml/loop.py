@@ -12,6 +12,7 @@ from megatron_meml.batching import grpo_rows, mutual_weight, pair_rows, sft_rows
 from megatron_meml.rewards.score import score
 from megatron_meml.rollout.backend import SamplingSpec
 from megatron_meml.run import RunContext, stable_seed
+from megatron_meml.samples import riel_samples
 from megatron_meml.types import ExpertGroup
 
 
@@ -64,6 +65,8 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
     metrics.update(train_metrics)
     metrics.update(hard_metrics)
     metrics.update(sync_metrics)
+    with timers("samples"):
+        metrics.update(riel_samples(ctx, step, groups))
     metrics["rollout/mutual_pairs"] = float(len(pairs))
     metrics["train/mutual_lambda"] = cfg.algo.lambda_kl * weight
     metrics["rollout/train_rows"] = float(len(rows))

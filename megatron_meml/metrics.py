@@ -11,9 +11,13 @@ Where each metric goes, for ``logger.log(step, metrics, stage=...)``:
   unchanged. Stages count steps separately, so each gets its own run rather than a tag prefix; TensorBoard then
   overlays e.g. ``train/sft_nll`` of the SFT stage and of RIEL as two runs of one chart.
 * Weights & Biases: key ``<stage>/<name>`` against a per-stage step axis ``<stage>/step``.
+
+Samples of completions (``logger.log_samples(rows)``, ``logger.log_text(...)``) go to ``<run_dir>/samples.jsonl``
+(one JSON object per row, with the same resume truncation as metrics.jsonl) and to TensorBoard text.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +35,8 @@ from megatron_meml.metrics_config import LoggingConfig
 STAGES = ("sft", "train", "eval")
 """The stages a metrics line may belong to; each has its own step counter."""
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+"""One line per sampled completion: a dataclass row with ``stage`` and ``step`` fields (``samples.Sample``)."""
 RESERVED = ("stage", "step", "time")
 """Fields of every metrics line; no metric may use these names."""
 
@@ -180,6 +186,12 @@ def _parse_lines(path: Path) -> tuple[list[dict], bool]:
     return records, torn
 
 
+def read_jsonl(path: Path | str) -> list[dict]:
+    """Every record (a JSON object with ``stage`` and ``step``) of a run's JSONL file (metrics or samples), in file
+    order; a torn last line is skipped with a warning, any other bad line is an error naming it."""
+    return _parse_lines(Path(path))[0]
+
+
 def read_metrics(run_dir: Path | str) -> list[dict]:
     """Every record of ``<run_dir>/metrics.jsonl`` in file order (a torn last line is skipped with a warning)."""
     path = Path(run_dir) / METRICS_FILE
@@ -271,6 +283,7 @@ class MetricsLogger:
         for s in self.resume_stages:
             _check_stage(s)
         self._file = None
+        self._samples_file = None
         self._tb: dict[str, Any] = {}
         self._wandb: Any = None
         self._bar: Any = None
@@ -281,17 +294,23 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.jsonl:
             self._open_jsonl()
+        if (self.run_dir / SAMPLES_FILE).exists():  # cut now (a resumed run may log no samples); else on first use
+            self._samples_file = self._open_appending(SAMPLES_FILE)
         if cfg.wandb:
             self._wandb = _start_wandb(self.run_dir, cfg)
 
     def _open_jsonl(self) -> None:
-        path = self.run_dir / METRICS_FILE
+        self._file = self._open_appending(METRICS_FILE)
+
+    def _open_appending(self, name: str) -> Any:
+        """``<run_dir>/<name>`` for appending, first dropping a torn last line and the lines after the resume step."""
+        path = self.run_dir / name
         if path.exists():
             records, torn = _parse_lines(path)
             keep = [r for r in records if not self._after_resume(r)]
             if torn or len(keep) != len(records):
                 _rewrite_atomic(path, keep)
-        self._file = open(path, "a", encoding="utf-8")
+        return open(path, "a", encoding="utf-8")
 
     def _after_resume(self, rec: dict) -> bool:
         return (self.resume_step is not None and rec.get("stage") in self.resume_stages
@@ -320,6 +339,28 @@ class MetricsLogger:
             tb.flush()
         if self._wandb is not None:
             self._wandb.log({f"{stage}/{k}": v for k, v in values.items()} | {f"{stage}/step": int(step)})
+
+    def log_samples(self, rows: Sequence[Any]) -> None:
+        """Append dataclass rows that carry ``stage`` and ``step`` fields to samples.jsonl, one line each."""
+        if not self.enabled or not rows:
+            return
+        if self._samples_file is None:
+            self._samples_file = self._open_appending(SAMPLES_FILE)
+        for row in rows:
+            rec = dataclasses.asdict(row)
+            _check_stage(rec["stage"])
+            self._samples_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._samples_file.flush()
+        os.fsync(self._samples_file.fileno())
+
+    def log_text(self, step: int, tag: str, text: str, *, stage: str) -> None:
+        """A (markdown) text for TensorBoard's text tab: run ``tb/<stage>``, tag ``tag``."""
+        if not self.enabled or not self.cfg.tensorboard:
+            return
+        _check_stage(stage)
+        tb = self._tb_writer(stage)
+        tb.add_text(tag, text, global_step=int(step))
+        tb.flush()
 
     def _tb_writer(self, stage: str) -> Any:
         if stage not in self._tb:
@@ -363,9 +404,10 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Flush and close every sink (safe to call twice)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for name in ("_file", "_samples_file"):
+            if getattr(self, name) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
         for tb in self._tb.values():
             tb.close()
         self._tb = {}

@@ -21,7 +21,16 @@ class LoggingConfig:
     """W&B entity (team or user); None: the account's default."""
     progress: str = "line"
     """line (one line per step with the key numbers), bar (tqdm), or off."""
+    samples_per_step: int = 4
+    """Completions kept per RIEL step and per evaluation (<run_dir>/samples.jsonl, TensorBoard text, the report);
+    picked by a seed of the step, spread over experts. 0: none."""
+    sample_prompt_chars: int = 0
+    """Also keep the last this many characters of each sample's rendered prompt (chat template included); 0: only
+    the question text."""
 
     def __post_init__(self) -> None:
+        for name in ("samples_per_step", "sample_prompt_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"logging.{name} must be >= 0, got {getattr(self, name)}")
         if self.progress not in ("line", "bar", "off"):
             raise ValueError(f"logging.progress must be line, bar or off, got '{self.progress}'")

@@ -3,16 +3,22 @@
 ``write_report(run_dir)`` writes into ``<run_dir>/report/`` (only for the series the run logged):
 
 ====================  =============================================================================
-rewards.png           reward/mean and expert/<id>/reward_mean over RIEL steps
+rewards.png           reward/mean and expert/<id>/reward_mean over RIEL steps (and expert/<id>/format_rate)
 losses.png            train/loss, train/pg_loss, train/mutual_kl, train/sft_nll over RIEL steps
 sft_losses.png        the same for the SFT (MEF) stage
 mismatch.png          train/mismatch_abs, train/mismatch_k3 (trainer vs. rollout log-probs)
 hard_store.png        hard/size (and per-expert sizes), hard/admissions per step
 timings.png           timing/* stacked per RIEL step (sft_timings.png for the SFT stage)
 eval_accuracy.png     eval/<bench>/<expert>/<accuracy | pass@k> over eval steps, one panel per benchmark
+eval_format.png       accuracy vs. last_number_accuracy (skill) vs. format_rate (format) per expert and benchmark
 eval_final.png        the last evaluation's accuracy, expert x benchmark bars
-summary.md            final and best values, mean phase timings, the final eval table
+complementarity.png   latest eval: problems expert i solves and expert j fails (from eval/step_<N>.jsonl)
+summary.md            final and best values, mean phase timings, the final eval table, the latest samples
+                      (samples.jsonl), expert complementarity on the latest evaluation
 ====================  =============================================================================
+
+Curves with 5 or more points are drawn as a centred rolling mean (window in the legend) over the raw points
+(faint line and markers).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from megatron_meml.metrics import natural_key, read_metrics  # noqa: E402
+from megatron_meml.report_tables import REPORT_SAMPLES, complementarity_section, samples_section  # noqa: E402
 
 REPORT_DIR = "report"
 LOSS_KEYS = ("train/loss", "train/pg_loss", "train/mutual_kl", "train/sft_nll")
@@ -34,9 +41,16 @@ MISMATCH_KEYS = ("train/mismatch_abs", "train/mismatch_k3")
 TIMING_TOTALS = ("timing/step", "timing/total")
 """Timers that enclose the others: drawn as a line over the stack, not stacked."""
 SUMMARY_KEYS = {"sft": ("train/sft_nll", "train/loss"),
-                "train": ("reward/mean", "expert/*/reward_mean", *LOSS_KEYS, *MISMATCH_KEYS, "hard/size",
-                          "hard/admissions_total", "train/grad_norm")}
+                "train": ("reward/mean", "expert/*/reward_mean", "expert/*/format_rate", *LOSS_KEYS, *MISMATCH_KEYS,
+                          "hard/size", "hard/admissions_total", "train/grad_norm")}
 """Metrics of summary.md's key-metrics table per stage (``*`` matches one name segment)."""
+FORMAT_METRICS = ("accuracy", "last_number_accuracy", "format_rate")
+"""Eval read-outs of eval_format.png: format-bound accuracy, the last number's accuracy (skill), the format rate."""
+METRIC_NOTES = {
+    "last_number_accuracy": "The last number of the greedy completion against the gold answer, whatever its format "
+                            "(math problems): arithmetic skill apart from format compliance.",
+    "format_rate": "Fraction of greedy completions with an answer in the required format.",
+}
 
 Series = tuple[list[int], list[float]]
 
@@ -80,28 +94,29 @@ def _eval_keys(keys: Iterable[str]) -> dict[tuple[str, str, str], str]:
 
 
 # ------------------------------------------------------------------------------------------------------- plots
-def _smooth(values: list[float]) -> Optional[list[float]]:
-    """Trailing moving average (window n/20, at least 5) for series long enough to be noisy; else None."""
-    n = len(values)
-    if n < 40:
-        return None
-    w = max(5, n // 20)
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= w:
-            acc -= values[i - w]
-        out.append(acc / min(i + 1, w))
-    return out
+def smoothing_window(n: int) -> int:
+    """Centred rolling-mean window for a series of ``n`` points: 1 (no smoothing) below 5 points, else the odd
+    number nearest n/10, at least 3 and at most 51."""
+    if n < 5:
+        return 1
+    return min(51, max(3, (n // 10) | 1))
+
+
+def centred_mean(values: Sequence[float], window: int) -> list[float]:
+    """Centred rolling mean over ``window`` (odd) points; near the ends, the mean of the points inside the series."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"centred_mean: window must be odd and >= 1, got {window}")
+    h = window // 2
+    return [statistics.fmean(values[max(0, i - h): i + h + 1]) for i in range(len(values))]
 
 
 def _draw(ax, steps: list[int], values: list[float], label: str, **style) -> None:
-    smooth = _smooth(values)
-    if smooth is None:
-        ax.plot(steps, values, label=label, marker="o" if len(steps) < 30 else None, markersize=3, **style)
+    w = smoothing_window(len(values))
+    if w == 1:
+        ax.plot(steps, values, label=label, marker="o", markersize=3, **style)
         return
-    line, = ax.plot(steps, values, alpha=0.25, linewidth=0.8, **style)
-    ax.plot(steps, smooth, label=f"{label} (moving avg)", color=line.get_color(),
+    line, = ax.plot(steps, values, alpha=0.3, linewidth=0.8, marker=".", markersize=3, **style)
+    ax.plot(steps, centred_mean(values, w), label=f"{label} (centred mean, window {w})", color=line.get_color(),
             **{k: v for k, v in style.items() if k != "color"})
 
 
@@ -135,14 +150,22 @@ def _plot_rewards(records, out: Path) -> Optional[Path]:
     keys = experts + (["reward/mean"] if _series(records, "train", "reward/mean")[0] else [])
     if not keys:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    formats = _matching(_keys(records, "train"), "expert/*/format_rate")
+    fig, axes = plt.subplots(1 + bool(formats), 1, figsize=(8, 4.5 + 3 * bool(formats)), sharex=True,
+                             squeeze=False)
+    ax = axes[0, 0]
     for k in experts:
         _draw(ax, *_series(records, "train", k), label=f"expert {k.split('/')[1]}")
     if "reward/mean" in keys:
         _draw(ax, *_series(records, "train", "reward/mean"), label="all experts", color="black", linestyle="--")
-    ax.set_xlabel("RIEL step")
     ax.set_ylabel("mean reward of sampled responses")
-    return _finish(fig, [ax], out / "rewards.png", "Reward per expert")
+    for k in formats:
+        _draw(axes[1, 0], *_series(records, "train", k), label=f"expert {k.split('/')[1]}")
+    if formats:
+        axes[1, 0].set_ylabel("answer in required format")
+        axes[1, 0].set_ylim(-0.02, 1.02)
+    axes[-1, 0].set_xlabel("RIEL step")
+    return _finish(fig, list(axes[:, 0]), out / "rewards.png", "Reward per expert")
 
 
 def _plot_hard(records, out: Path) -> Optional[Path]:
@@ -188,28 +211,45 @@ def _plot_timings(records, stage: str, path: Path) -> Optional[Path]:
     return _finish(fig, [], path, f"Time per step by phase ({stage})")
 
 
-def _plot_eval(records, out: Path) -> list[Path]:
-    ev = _eval_keys(_keys(records, "eval"))
+def _eval_panels(records, ev: Mapping[tuple[str, str, str], str], metrics: Sequence[str], path: Path,
+                 title: str) -> Optional[Path]:
+    """One panel per benchmark: every expert's curves of ``metrics`` (solid, dashed, dotted ... in that order)."""
+    ev = {k: v for k, v in ev.items() if k[2] in metrics or ("pass@*" in metrics and k[2].startswith("pass@"))}
     if not ev:
-        return []
+        return None
     benches = sorted({b for b, _, _ in ev}, key=natural_key)
     experts = sorted({e for _, e, _ in ev}, key=natural_key)
     colour = {e: f"C{i % 10}" for i, e in enumerate(experts)}
-    fig, axes = plt.subplots(1, len(benches), figsize=(5 * len(benches), 4), squeeze=False)
+    styles = ("-", "--", ":", "-.")
+    fig, axes = plt.subplots(1, len(benches), figsize=(5 * len(benches) + 4, 4.5), squeeze=False)
     for ax, bench in zip(axes[0], benches):
         for (b, expert, metric), key in sorted(ev.items(), key=lambda kv: natural_key("/".join(kv[0]))):
             if b == bench:
-                ax.plot(*_series(records, "eval", key), marker="o", label=f"expert {expert} {metric}",
-                        color=colour[expert], linestyle="-" if metric == "accuracy" else "--")
+                rank = metrics.index(metric) if metric in metrics else metrics.index("pass@*")
+                _draw(ax, *_series(records, "eval", key), label=f"expert {expert} {metric}", color=colour[expert],
+                      linestyle=styles[rank % len(styles)])
         ax.set_title(bench)
         ax.set_xlabel("checkpoint step")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("accuracy / rate")
         ax.set_ylim(-0.02, 1.02)
-    paths = [_finish(fig, list(axes[0]), out / "eval_accuracy.png", "Evaluation accuracy (greedy exact match)")]
+        ax.grid(True, alpha=0.3)
+    labelled = {lab: h for ax in axes[0] for h, lab in zip(*ax.get_legend_handles_labels())}
+    axes[0, -1].legend(labelled.values(), labelled.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _finish(fig, [], path, title)
+
+
+def _plot_eval(records, out: Path) -> list[Path]:
+    ev = _eval_keys(_keys(records, "eval"))
+    paths = [_eval_panels(records, ev, ("accuracy", "pass@*"), out / "eval_accuracy.png",
+                          "Evaluation accuracy (greedy exact match)")]
+    if any(m in ("last_number_accuracy", "format_rate") for _, _, m in ev):
+        paths.append(_eval_panels(records, ev, FORMAT_METRICS, out / "eval_format.png",
+                                  "Format vs. skill: accuracy (solid), last-number accuracy (dashed),\n"
+                                  "format rate (dotted)"))
     final = final_eval(records)
     if "accuracy" in final:
         paths.append(_plot_eval_final(final["accuracy"], out / "eval_final.png"))
-    return paths
+    return [p for p in paths if p is not None]
 
 
 def _plot_eval_final(table: Mapping[str, Mapping[str, float]], path: Path) -> Path:
@@ -291,8 +331,8 @@ def _eval_tables(records) -> list[str]:
     for metric in sorted(final, key=lambda m: (m != "accuracy", natural_key(m))):
         table = final[metric]
         benches = sorted({b for e in table.values() for b in e}, key=natural_key)
-        lines += [f"### {metric}", "", "| expert | " + " | ".join(benches) + " |",
-                  "| --- |" + " --- |" * len(benches)]
+        lines += [f"### {metric}", "", *([METRIC_NOTES[metric], ""] if metric in METRIC_NOTES else []),
+                  "| expert | " + " | ".join(benches) + " |", "| --- |" + " --- |" * len(benches)]
         for e in sorted(table, key=natural_key):
             cells = [f"{table[e][b]:.3f}" if b in table[e] else "-" for b in benches]
             lines.append(f"| {e} | " + " | ".join(cells) + " |")
@@ -300,7 +340,7 @@ def _eval_tables(records) -> list[str]:
     return lines
 
 
-def _summary(run_dir: Path, records: Sequence[dict], plots: Sequence[Path]) -> str:
+def _summary(run_dir: Path, records: Sequence[dict], plots: Sequence[Path], extra: Sequence[str] = ()) -> str:
     lines = [f"# Run report: {run_dir.name}", ""]
     for stage in ("sft", "train", "eval"):
         steps = sorted({int(r["step"]) for r in records if r["stage"] == stage})
@@ -315,14 +355,16 @@ def _summary(run_dir: Path, records: Sequence[dict], plots: Sequence[Path]) -> s
     if timing:
         lines += ["## Mean time per step by phase", "", *timing]
     lines += _eval_tables(records)
+    lines += extra
     if plots:
         lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path | str) -> list[Path]:
-    """Read ``<run_dir>/metrics.jsonl``; write the plots and summary.md into ``<run_dir>/report/``; return the
-    written paths (summary.md last)."""
+def write_report(run_dir: Path | str, *, samples: int = REPORT_SAMPLES) -> list[Path]:
+    """Read ``<run_dir>/metrics.jsonl`` (and samples.jsonl, eval/step_<N>.jsonl when present); write the plots and
+    summary.md (with the latest ``samples`` samples per stage) into ``<run_dir>/report/``; return the written
+    paths (summary.md last)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
@@ -343,9 +385,11 @@ def write_report(run_dir: Path | str) -> list[Path]:
         _plot_timings(records, "sft", out / "sft_timings.png"),
         *_plot_eval(records, out),
     ]
-    plots = [p for p in candidates if p is not None]
+    complementarity, heatmap = complementarity_section(run_dir, out)
+    plots = [p for p in [*candidates, heatmap] if p is not None]
     summary = out / "summary.md"
-    summary.write_text(_summary(run_dir, records, plots), encoding="utf-8")
+    extra = [*complementarity, *samples_section(run_dir, samples)]
+    summary.write_text(_summary(run_dir, records, plots, extra), encoding="utf-8")
     return plots + [summary]
 
 

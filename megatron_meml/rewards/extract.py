@@ -101,6 +101,13 @@ def extract_answer(text: str, answer_format: str, tail_chars: int) -> Optional[s
     return answer or None
 
 
+def answer_in_format(text: str, answer_format: str, tail_chars: int) -> bool:
+    """Whether ``text`` ends with a non-empty answer in ``answer_format`` itself (the other markers that
+    :func:`extract_answer` falls back to do not count): the format-compliance read-out, apart from correctness."""
+    hit = find_marked(text[-tail_chars:], answer_format)
+    return hit is not None and bool(clean_answer(hit[1]))
+
+
 def clean_answer(raw: str) -> str:
     """Strip the dressing around an answer: an inner ``\\boxed{}``, ``$...$``, bold, a trailing sentence."""
     s = raw.strip()

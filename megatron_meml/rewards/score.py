@@ -83,11 +83,30 @@ def _verdict(ok: Optional[bool], extracted: Optional[str]) -> Score:
 def _score_math(problem: Problem, text: str, fmt: str, cfg: RewardConfig) -> Score:
     answer = extract_answer(text, fmt, cfg.tail_chars)
     if answer is None and cfg.last_number_fallback:
-        nums = _LAST_NUMBER.findall(text[-cfg.tail_chars:])
-        answer = nums[-1] if nums else None
+        answer = last_number(text, cfg.tail_chars)
     if answer is None:
         return _verdict(None, None)
     return _verdict(math_equal(problem.answer, answer, cfg), answer)
+
+
+def last_number(text: str, tail_chars: int) -> Optional[str]:
+    """The last number written in the tail of ``text`` (None: no digit there)."""
+    nums = _LAST_NUMBER.findall(text[-tail_chars:])
+    return nums[-1] if nums else None
+
+
+def score_last_number(problem: Problem, response_text: str, cfg: RewardConfig = _DEFAULT) -> Score:
+    """The skill read-out for math problems: the response's *last number*, whatever its format, against the gold
+    answer (status no_answer when the response has no number). Scored against :func:`score`'s format-bound reward,
+    it separates arithmetic from answer-format compliance. Never raises on model output."""
+    if problem.kind != "math":
+        raise ValueError(f"score_last_number is for math problems; problem {problem.id} is '{problem.kind}'")
+    try:
+        answer = last_number(str(response_text), cfg.tail_chars)
+        return _verdict(None if answer is None else math_equal(problem.answer, answer, cfg), answer)
+    except Exception as e:  # noqa: BLE001 - as in score(): logged, scored wrong
+        log.warning("last-number verifier error on problem %s: %s: %s", problem.id, type(e).__name__, e)
+        return Score(reward=0.0, extracted=None, status="wrong")
 
 
 # ---------------------------------------------------------------------------------------------- choice

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 RECIPE = ROOT / "recipes" / "meml-qwen2.5-math-1.5b-1n8g-tp1pp1dp8-gsm8k.yaml"
 N_PROBLEMS = 48
+N_EVAL = 4
+EXPERTS = ("expert0", "expert1", "expert2")
 
 
 def _tiny_hf_model(path: Path) -> None:
@@ -48,7 +50,7 @@ def test_gsm8k_recipe_two_steps(tmp_path):
                  f"data.path={GSM8K}", f"data.max_problems={N_PROBLEMS}", "train.steps=2",
                  "train.problems_per_step=2", "train.micro_batch_size=8", "train.threads=1",
                  "rollout.samples_per_expert=4", "rollout.max_new_tokens=16", "rollout.kv_cache_gb=0.25",
-                 "hard_examples.k_wrong=2", "hard_examples.capacity=4", "eval.max_problems=0",
+                 "hard_examples.k_wrong=2", "hard_examples.capacity=4", f"eval.max_problems={N_EVAL}",
                  "checkpoint.save_every=0", "logging.tensorboard=false", "algo.policy_loss=clipped"]
     proc = subprocess.run([sys.executable, "-m", "megatron_meml.cli", "train", str(RECIPE), *overrides], cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
@@ -73,3 +75,34 @@ def test_gsm8k_recipe_two_steps(tmp_path):
         assert sum(v for k, v in r.items() if k.startswith("hard/expert/") and k.endswith("/size")) == r["hard/size"]
     assert train[-1]["hard/admissions_total"] > 0  # every random-model group is hard: the store was exercised
     assert (tmp_path / "gsm8k" / "final_model").is_dir()
+    _check_what_the_model_wrote(tmp_path / "gsm8k", train, [r for r in rows if r["stage"] == "eval"])
+
+
+def _check_what_the_model_wrote(run: Path, train: list[dict], evals: list[dict]) -> None:
+    """Samples per RIEL step and per eval, the eval's per-problem file, the format/skill read-outs, the report."""
+    for r in train:
+        assert all(0.0 <= r[f"expert/{e}/format_rate"] <= 1.0 for e in EXPERTS)
+    [ev] = evals
+    assert ev["step"] == 2 and ev["eval/num_problems"] == N_EVAL
+    for e in EXPERTS:
+        for m in ("accuracy", "last_number_accuracy", "format_rate"):
+            assert 0.0 <= ev[f"eval/gsm8k/{e}/{m}"] <= 1.0
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert [(s["stage"], s["step"]) for s in samples] == [("train", 1)] * 4 + [("train", 2)] * 4 + [("eval", 2)] * 4
+    fields = {"stage", "step", "expert", "problem_id", "prompt", "completion", "reward", "extracted", "gold",
+              "finish_reason", "in_format", "sample_index", "prompt_tail"}
+    for s in samples:
+        assert set(s) == fields and s["finish_reason"] in ("stop", "length") and s["reward"] in (0.0, 1.0)
+    for stage, step in (("train", 1), ("train", 2), ("eval", 2)):  # 4 picks spread over the 3 experts
+        assert {s["expert"] for s in samples if (s["stage"], s["step"]) == (stage, step)} == set(EXPERTS)
+    per_problem = [json.loads(x) for x in (run / "eval" / "step_2.jsonl").read_text().splitlines()]
+    assert [p["index"] for p in per_problem] == list(range(N_EVAL))
+    for p in per_problem:
+        assert list(p["rewards"]) == list(p["extracted"]) == list(p["in_format"]) == list(EXPERTS)
+    for e in EXPERTS:  # the file and the logged accuracy agree
+        assert sum(p["rewards"][e] for p in per_problem) / N_EVAL == ev[f"eval/gsm8k/{e}/accuracy"]
+        assert sum(p["in_format"][e] for p in per_problem) / N_EVAL == ev[f"eval/gsm8k/{e}/format_rate"]
+    summary = (run / "report" / "summary.md").read_text()
+    assert "## Expert complementarity (eval step 2, gsm8k, 4 problems)" in summary
+    assert "### train: RIEL rollouts" in summary and "### eval: greedy evaluation answers" in summary
+    assert "### last_number_accuracy" in summary and (run / "report" / "complementarity.png").is_file()

@@ -2,6 +2,7 @@
 phase timers and the reduction table."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -9,8 +10,8 @@ import time
 import pytest
 import torch
 
-from megatron_meml.metrics import (METRICS_FILE, MetricsLogger, PhaseTimers, format_progress, read_metrics,
-                                   reduce_across_ranks, reduction_for)
+from megatron_meml.metrics import (METRICS_FILE, SAMPLES_FILE, MetricsLogger, PhaseTimers, format_progress,
+                                   read_jsonl, read_metrics, reduce_across_ranks, reduction_for)
 from megatron_meml.metrics_config import LoggingConfig
 
 NO_TB = LoggingConfig(tensorboard=False)
@@ -85,6 +86,39 @@ def test_resume_drops_train_lines_after_the_checkpoint_step(tmp_path):
         pass
     got = [(r["stage"], r["step"]) for r in read_metrics(tmp_path)]
     assert got == [("sft", 1), ("train", 1), ("train", 2), ("train", 3), ("train", 4)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    stage: str
+    step: int
+    text: str
+
+
+def test_samples_append_one_line_per_row_and_resume_drops_later_steps(tmp_path):
+    with MetricsLogger(tmp_path, NO_TB) as log:
+        log.log_samples([_Row("train", s, f"t{s}|\n") for s in (1, 2, 3)])
+        log.log_samples([_Row("eval", 3, "e3")])
+        log.log_samples([])
+    path = tmp_path / SAMPLES_FILE
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"stage": "train", "step": s, "text": f"t{s}|\n"} for s in (1, 2, 3)] + [
+        {"stage": "eval", "step": 3, "text": "e3"}]
+    with MetricsLogger(tmp_path, NO_TB, resume_step=2, resume_stages=("train", "eval")) as log:
+        assert path.read_text().count("\n") == 2  # cut on opening, as metrics.jsonl
+        log.log_samples([_Row("train", 3, "again")])
+    assert [(r["stage"], r["step"], r["text"]) for r in read_jsonl(path)] == [
+        ("train", 1, "t1|\n"), ("train", 2, "t2|\n"), ("train", 3, "again")]
+    with MetricsLogger(tmp_path, NO_TB, resume_step=1):  # the default resume stage, train only
+        pass
+    assert [r["step"] for r in read_jsonl(path)] == [1]
+    with pytest.raises(ValueError, match="metrics stage must be one of"):
+        with MetricsLogger(tmp_path, NO_TB) as log:
+            log.log_samples([_Row("rollout", 1, "x")])
+    with MetricsLogger(tmp_path / "off", NO_TB, enabled=False) as log:
+        log.log_samples([_Row("train", 1, "x")])
+        log.log_text(1, "samples", "x", stage="train")
+    assert not (tmp_path / "off").exists()
 
 
 def _scalars(logdir, tag):

@@ -10,8 +10,10 @@ import pytest
 from megatron_meml.cli import main
 from megatron_meml.metrics import MetricsLogger
 from megatron_meml.metrics_config import LoggingConfig
-from megatron_meml.report import (compare_stats, final_eval, paired_differences, write_compare_table,
-                                  write_report)
+from megatron_meml.report import (centred_mean, compare_stats, final_eval, paired_differences, smoothing_window,
+                                  write_compare_table, write_report)
+from megatron_meml.report_tables import latest_samples, oracle_accuracy, pair_counts, solved_matrix
+from megatron_meml.samples import EvalProblem, Sample, eval_file, write_eval_problems
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -106,6 +108,108 @@ def test_meml_report_command(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     assert f"wrote 10 files to {tmp_path / 'report'}" in capsys.readouterr().out
     assert (tmp_path / "report" / "rewards.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ smoothing
+def test_centred_mean_against_hand_worked_numbers():
+    assert centred_mean([0, 3, 6, 3, 0], 3) == [1.5, 3, 4, 3, 1.5]  # ends: the mean of the points that exist
+    assert centred_mean([0, 3, 6, 3, 0], 5) == [3, 3, 2.4, 3, 3]
+    assert centred_mean([2.0, 4.0], 1) == [2.0, 4.0]
+    with pytest.raises(ValueError, match="window must be odd"):
+        centred_mean([1.0], 4)
+    assert [smoothing_window(n) for n in (4, 5, 39, 40, 100, 10_000)] == [1, 3, 3, 5, 11, 51]
+
+
+def test_curves_keep_the_raw_points_and_name_the_window():
+    import matplotlib.pyplot as plt
+
+    from megatron_meml.report import _draw
+
+    fig, ax = plt.subplots()
+    values = [0.0, 3.0, 6.0, 3.0, 0.0]
+    _draw(ax, [1, 2, 3, 4, 5], values, "expert 0")
+    raw, smooth = ax.get_lines()
+    assert list(raw.get_ydata()) == values and raw.get_alpha() == 0.3 and raw.get_marker() == "."
+    assert list(smooth.get_ydata()) == [1.5, 3, 4, 3, 1.5] and smooth.get_color() == raw.get_color()
+    assert ax.get_legend_handles_labels()[1] == ["expert 0 (centred mean, window 3)"]
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ complementarity
+SOLVED = [[True, False, False],  # p1: only expert 0
+          [True, True, False],   # p2: 0 and 1
+          [False, True, False],  # p3: only 1
+          [False, False, False],  # p4: nobody
+          [True, False, True]]   # p5: 0 and 2
+
+
+def test_pair_counts_and_oracle_on_a_hand_worked_matrix():
+    pairs = pair_counts(SOLVED, ["a", "b", "c"])
+    assert [(p.i, p.j, p.only_i, p.only_j, p.both, p.neither) for p in pairs] == [
+        ("a", "b", 2, 1, 1, 1),  # a alone: p1 p5; b alone: p3; both: p2; neither: p4
+        ("a", "c", 2, 0, 1, 2),  # a alone: p1 p2; both: p5; neither: p3 p4
+        ("b", "c", 2, 1, 0, 2)]  # b alone: p2 p3; c alone: p5; neither: p1 p4
+    assert all(p.only_i + p.only_j + p.both + p.neither == 5 for p in pairs)
+    assert oracle_accuracy(SOLVED) == 0.8 and oracle_accuracy([]) == 0.0
+    assert pair_counts([[True]], ["a"]) == []
+
+
+def _eval_rows(step: int) -> list[EvalProblem]:
+    ids = ["a", "b", "c"]
+    return [EvalProblem(step=step, bench="gsm8k", index=i, problem_id=f"p{i + 1}", gold="1",
+                        rewards={e: float(ok) for e, ok in zip(ids, row)}, extracted=dict.fromkeys(ids, "1"),
+                        in_format=dict.fromkeys(ids, True)) for i, row in enumerate(SOLVED)]
+
+
+def test_solved_matrix_reads_rewards_in_expert_order():
+    assert solved_matrix(_eval_rows(1)) == (["a", "b", "c"], SOLVED)
+    assert solved_matrix([]) == ([], [])
+
+
+def _sample(stage: str, step: int, k: int, **kw) -> Sample:
+    return Sample(**(dict(stage=stage, step=step, expert=f"e{k % 3}", problem_id=f"p{k}", prompt="Q | 1\nQ 2",
+                          completion=f"c{step}.{k}", reward=float(k % 2), extracted=None if k == 0 else "1",
+                          gold="1", finish_reason="stop", in_format=k % 2 == 1) | kw))
+
+
+def test_latest_samples_per_stage():
+    rows = [_sample("train", s, k) for s in (1, 2, 3) for k in range(4)] + [_sample("eval", 3, 0)]
+    assert [(r.step, r.problem_id) for r in latest_samples(rows, "train", 6)] == [
+        (2, "p2"), (2, "p3"), (3, "p0"), (3, "p1"), (3, "p2"), (3, "p3")]
+    assert len(latest_samples(rows, "eval", 6)) == 1 and latest_samples(rows, "train", 0) == []
+
+
+def test_summary_has_samples_and_complementarity_sections(tmp_path):
+    _full_run(tmp_path)
+    with MetricsLogger(tmp_path, LoggingConfig(tensorboard=False)) as log:
+        log.log_samples([_sample("train", s, k) for s in range(1, 7) for k in range(4)])
+        log.log_samples([_sample("eval", 6, 1, completion="x | y\n" + "z" * 400)])
+        log.log(6, {"eval/gsm8k/0/format_rate": 0.5, "eval/gsm8k/0/last_number_accuracy": 0.75}, stage="eval")
+    write_eval_problems(eval_file(tmp_path, 3), _eval_rows(3)[:2])
+    write_eval_problems(eval_file(tmp_path, 6), _eval_rows(6))
+    paths = write_report(tmp_path, samples=5)
+    names = [p.name for p in paths]
+    assert "complementarity.png" in names and "eval_format.png" in names and _is_png(tmp_path / "report" /
+                                                                                    "complementarity.png")
+    text = paths[-1].read_text()
+    assert "## Expert complementarity (eval step 6, gsm8k, 5 problems)" in text  # the latest eval, not step 3
+    assert "Oracle (\"any expert\") accuracy: **0.800** (4/5); best single expert: a 0.600" in text
+    assert "| a | b | 2 | 1 | 1 | 1 |" in text and "| b | c | 2 | 1 | 0 | 2 |" in text
+    assert "### format_rate" in text and "Fraction of greedy completions with an answer in the required" in text
+    samples = text[text.index("## Samples"):text.index("## Plots")]
+    train = samples[samples.index("### train"):samples.index("### eval")]
+    table = [line for line in train.splitlines() if line.startswith("| ")][2:]  # after the header lines
+    assert [line.split(" | ")[4] for line in table] == ["c5.3", "c6.0", "c6.1", "c6.2", "c6.3"]  # the latest 5
+    assert all(" | Q \\| 1<br>Q 2 | " in line for line in table)
+    assert table[1].endswith(" | 0 | - | 1 | stop | no |")
+    [eval_row] = [line for line in samples[samples.index("### eval"):].splitlines() if line.startswith("| 6 ")]
+    assert "x \\| y<br>zzz" in eval_row and "…" in eval_row and eval_row.count(" | ") == 9
+
+
+def test_report_without_samples_or_eval_files_has_neither_section(tmp_path):
+    _full_run(tmp_path)
+    text = write_report(tmp_path)[-1].read_text()
+    assert "## Samples" not in text and "complementarity" not in text
 
 
 ROWS = [

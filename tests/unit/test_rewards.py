@@ -10,7 +10,8 @@ from decimal import Decimal
 import pytest
 
 from megatron_meml.data import load_problems
-from megatron_meml.rewards import RewardConfig, Score, extract_answer, format_answer, option_letter, warm_up
+from megatron_meml.rewards import (RewardConfig, Score, answer_in_format, extract_answer, format_answer, option_letter,
+                                   score_last_number, warm_up)
 from megatron_meml.rewards.math_equiv import deadline, math_equal, plain_number
 from megatron_meml.rewards.score import score_strict as score
 from megatron_meml.types import Problem
@@ -145,6 +146,47 @@ def test_last_number_fallback_is_opt_in():
     assert score(p, "so we get 12", "the_answer_is").status == "no_answer"
     cfg = RewardConfig(last_number_fallback=True)
     assert score(p, "first 3 then 12", "the_answer_is", cfg).status == "correct"
+
+
+# ------------------------------------------------------------------------------------------------ format vs skill
+@pytest.mark.parametrize("gold,response,status,extracted", [
+    ("7", "She has 3 apples and 4 pears, so 7 in total.", "correct", "7"),  # right, but in no answer format
+    ("7", "The answer is 7. Check: 3 + 4", "wrong", "4"),  # the format-bound verifier says correct
+    ("1080", "Total: $1,080.", "correct", "1,080"),
+    ("-2.5", "it falls by -2.5", "correct", "-2.5"),
+    ("0.25", "25% of it, i.e. 25", "wrong", "25"),  # the last number is 25, not 25%
+    ("7", "seven", "no_answer", None),
+    ("7", "", "no_answer", None),
+])
+def test_last_number_read_out(gold, response, status, extracted):
+    s = score_last_number(math_problem(gold), response)
+    assert (s.status, s.extracted, s.reward) == (status, extracted, 1.0 if status == "correct" else 0.0)
+
+
+def test_last_number_reads_only_the_tail_and_only_math():
+    p = math_problem("5")
+    assert score_last_number(p, "5 " + "x" * 100, RewardConfig(tail_chars=64)).status == "no_answer"
+    with pytest.raises(ValueError, match="for math problems; problem c is 'choice'"):
+        score_last_number(CHOICE, "The answer is b")
+
+
+@pytest.mark.parametrize("response,fmt,ok", [
+    ("so 3 + 4 = 7. The answer is 7.", "the_answer_is", True),
+    ("The answer is **7**", "the_answer_is", True),
+    ("#### 7", "the_answer_is", False),  # extract_answer falls back to this marker; the format check does not
+    ("The answer is 7.", "hash", False),
+    ("work\n#### 7", "hash", True),
+    ("\\boxed{7}", "boxed", True),
+    ("\\boxed{}", "boxed", False),  # a marker with nothing in it
+    ("The answer is .", "the_answer_is", False),
+    ("I think it is 7.", "the_answer_is", False),
+])
+def test_answer_in_format(response, fmt, ok):
+    assert answer_in_format(response, fmt, 4096) is ok
+
+
+def test_answer_in_format_reads_only_the_tail():
+    assert answer_in_format("The answer is 7. " + "x" * 100, "the_answer_is", 64) is False
 
 
 # ------------------------------------------------------------------------------------------------ choice / bool
