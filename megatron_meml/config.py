@@ -28,6 +28,7 @@ from megatron_meml.model.config import ModelConfig
 from megatron_meml.parallel import ParallelConfig
 from megatron_meml.rewards.config import RewardConfig
 from megatron_meml.rollout.config import RolloutConfig
+from megatron_meml.traces_config import TracesConfig
 from megatron_meml.training.config import TrainConfig
 
 
@@ -65,6 +66,8 @@ class MemlConfig:
     """Optimiser, batch sizes, steps."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
+    traces: TracesConfig = field(default_factory=TracesConfig)
+    """Teacher traces for MEF (``meml traces``)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and location."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

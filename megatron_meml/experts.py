@@ -95,36 +95,66 @@ class JoinReport:
     file: Optional[str]
     """Trace file; None when the expert has none (then it adds no MEF rows unless it has a gold style)."""
     matched: int
+    """Problems with at least one trace."""
     missing_ids: list[str] = field(default_factory=list)
     """Problems without a trace (dropped for this expert)."""
     extra_ids: list[str] = field(default_factory=list)
     """Trace ids naming no loaded problem (ignored)."""
+    traces: int = 0
+    """Trace rows joined (one MEF row each; more than ``matched`` when a file keeps several samples per id)."""
 
     def summary(self) -> str:
         if self.file is None:
             return f"expert {self.expert_id}: no teacher_traces file, no MEF rows"
-        return (f"expert {self.expert_id}: {self.matched} traces joined from {self.file}; "
+        joined = (f"{self.matched} traces" if self.traces <= self.matched
+                  else f"{self.traces} traces for {self.matched} problems")
+        return (f"expert {self.expert_id}: {joined} joined from {self.file}; "
                 f"{len(self.missing_ids)} problems without a trace (e.g. {self.missing_ids[:3]}), "
                 f"{len(self.extra_ids)} traces for unknown ids (e.g. {self.extra_ids[:3]})")
 
 
-def load_teacher_traces(path: str | Path, *, skip_bad_rows: bool = False) -> dict[str, str]:
-    """``{id: response}`` from a JSONL file of ``{"id", "response"}`` rows (errors name the line and field)."""
-    def parse(ref, row: dict) -> tuple[Any, str, str]:
+def read_teacher_traces(path: str | Path, *, skip_bad_rows: bool = False) -> dict[str, list[str]]:
+    """``{id: [response, ...]}`` (file order) from a JSONL file of ``{"id", "response", "sample"?}`` rows; errors
+    name the line and field.
+
+    One row per id, as files have always been; an id may repeat only when every row of it carries a distinct
+    integer ``sample`` (``meml traces`` writes one, the draw index, with each row). A repeated id without
+    ``sample`` fields is a duplicate, as before."""
+    def parse(ref, row: dict) -> tuple[Any, str, str, Optional[int]]:
         rid = opt(ref, row, "id", (str, int), None)
         if rid is None:
             raise DataError(f"{ref.where()}: missing field 'id'")
-        return ref, str(rid), req_str(ref, row, "response")
+        sample = opt(ref, row, "sample", (int,), None)
+        if sample is not None and sample < 0:
+            raise DataError(f"{ref.where()}: field 'sample' must be >= 0, got {sample}")
+        return ref, str(rid), req_str(ref, row, "response"), sample
 
     bad = BadRows(skip=skip_bad_rows)
-    out: dict[str, str] = {}
-    for ref, rid, response in parse_rows(read_rows(path), parse, bad):
-        if rid in out:
-            bad.handle(DataError(f"{ref.where()}: field 'id': duplicate id '{rid}'"))
+    out: dict[str, list[str]] = {}
+    seen: dict[str, set[Optional[int]]] = {}
+    for ref, rid, response, sample in parse_rows(read_rows(path), parse, bad):
+        samples = seen.setdefault(rid, set())
+        if samples and (sample is None or None in samples):
+            bad.handle(DataError(f"{ref.where()}: field 'id': duplicate id '{rid}' (rows sharing an id need "
+                                 "distinct integer 'sample' fields)"))
             continue
-        out[rid] = response
+        if sample in samples:
+            bad.handle(DataError(f"{ref.where()}: field 'sample': duplicate sample {sample} for id '{rid}'"))
+            continue
+        samples.add(sample)
+        out.setdefault(rid, []).append(response)
     bad.summary(str(path))
     return out
+
+
+def load_teacher_traces(path: str | Path, *, skip_bad_rows: bool = False) -> dict[str, str]:
+    """``{id: response}`` from a one-trace-per-id file (:func:`read_teacher_traces` reads files with several)."""
+    by_id = read_teacher_traces(path, skip_bad_rows=skip_bad_rows)
+    multi = next((rid for rid, rs in by_id.items() if len(rs) > 1), None)
+    if multi is not None:
+        raise DataError(f"{path}: id '{multi}' has {len(by_id[multi])} traces (rows with 'sample' fields); "
+                        "read the file with read_teacher_traces")
+    return {rid: rs[0] for rid, rs in by_id.items()}
 
 
 class ExpertSet:
@@ -206,9 +236,11 @@ class ExpertSet:
                           problem_id=problem.id)
 
     def mef_examples(self, problems: Sequence[Problem],
-                     traces: Optional[dict[str, dict[str, str]]] = None) -> tuple[list[SFTExample], list[JoinReport]]:
+                     traces: Optional[dict[str, dict[str, str | list[str]]]] = None
+                     ) -> tuple[list[SFTExample], list[JoinReport]]:
         """Stage-1 MEF data: expert 0 and synth_<style> experts learn the gold work; every other expert learns
-        its teacher traces (``traces[expert_id]``, default: read from ``experts.teacher_traces``), joined by id."""
+        its teacher traces (``traces[expert_id]``: id -> response or responses; default: read from
+        ``experts.teacher_traces``), joined by id, one row per trace."""
         rows: list[SFTExample] = []
         reports: list[JoinReport] = []
         for e in self.experts:
@@ -221,23 +253,25 @@ class ExpertSet:
                 reports.append(JoinReport(expert_id=e.id, file=None, matched=0))
                 log.warning(reports[-1].summary())
                 continue
-            by_id = given if given is not None else load_teacher_traces(file)
+            by_id = ({k: [v] if isinstance(v, str) else list(v) for k, v in given.items()} if given is not None
+                     else read_teacher_traces(file))
             report = _join_report(e.id, file or "<given>", problems, by_id)
             reports.append(report)
             log.info(report.summary())
             by_problem = {p.id: p for p in problems}
             rows.extend(self.sft_example(e.index, by_problem[pid], resp.rstrip())
-                        for pid, resp in by_id.items() if pid in by_problem)
+                        for pid, resps in by_id.items() if pid in by_problem for resp in resps)
         return rows, reports
 
 
-def _join_report(expert_id: str, file: str, problems: Sequence[Problem], traces: dict[str, str]) -> JoinReport:
+def _join_report(expert_id: str, file: str, problems: Sequence[Problem],
+                 traces: dict[str, list[str]]) -> JoinReport:
     ids = [p.id for p in problems]
     known = set(ids)
-    missing = [pid for pid in ids if pid not in traces]
+    missing = [pid for pid in ids if not traces.get(pid)]
     extra = [tid for tid in traces if tid not in known]
     return JoinReport(expert_id=expert_id, file=file, matched=len(ids) - len(missing), missing_ids=missing,
-                      extra_ids=extra)
+                      extra_ids=extra, traces=sum(len(traces[pid]) for pid in known if pid in traces))
 
 
 def vocab_texts(experts: Sequence[Expert], cfg: ExpertsConfig, kinds: Sequence[str] = ("math",)) -> list[str]:
