@@ -5,11 +5,13 @@ import argparse
 import sys
 
 from megatron_meml.config import ConfigError, load_config, to_yaml
+from megatron_meml.defaults import DEFAULTS
 
 STAGES = {
     "sft": "stage 1 (MEF): SFT of every expert prompt on its gold / teacher answers",
     "train": "stage 2 (RIEL): RL with inter-expert mutual learning and hard-example replay",
     "eval": "greedy accuracy and pass@k per expert prompt on the held-out problems",
+    "traces": "teacher traces for MEF: sample expert prompts from a teacher, keep the verified-correct answers",
 }
 
 
@@ -31,12 +33,15 @@ def _parser() -> argparse.ArgumentParser:
         st.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
         if name == "eval":
             st.add_argument("--checkpoint", default=None, help="Megatron model directory (default: model.megatron_path)")
-    dm = sub.add_parser("demo", help="the embedded CPU default end to end: MEF SFT, RIEL, evaluation, report")
-    dm.add_argument("--recipe-dir", default=None, help="directory holding embedded-default[-mef].yaml "
+    dm = sub.add_parser("demo", help="an embedded CPU default end to end: (traces,) MEF SFT, RIEL, evaluation, report")
+    dm.add_argument("--default", default="toy", choices=sorted(DEFAULTS),
+                    help="; ".join(f"{k}: {v.what}" for k, v in DEFAULTS.items()) + " (default: toy)")
+    dm.add_argument("--recipe-dir", default=None, help="directory holding the default's recipe pair "
                                                         "(default: the repository's recipes/)")
     dm.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. output_dir=/tmp/runs")
-    cp = sub.add_parser("compare", help="the paper's main/ablation table at toy scale (several seeds)")
-    cp.add_argument("--recipe-dir", default=None, help="directory holding embedded-default[-mef].yaml")
+    cp = sub.add_parser("compare", help="the paper's main/ablation table on an embedded default (several seeds)")
+    cp.add_argument("--default", default="toy", choices=sorted(DEFAULTS), help="which embedded default (toy)")
+    cp.add_argument("--recipe-dir", default=None, help="directory holding the default's recipe pair")
     cp.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     cp.add_argument("--out", default=None, help="output directory (default <output_dir>/compare)")
     cp.add_argument("--variant", action="append", default=[], metavar="'NAME: key=value ...'",
@@ -57,8 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``meml CMD ...`` with the command's options, positionals and ``key=value`` overrides in any order
+    (``meml eval RECIPE --checkpoint DIR eval.max_problems=5`` as well as the other way round)."""
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if not argv or argv[0] not in sub.choices:
+        return parser.parse_args(argv)  # prints the usage / the error for an unknown command
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+    args.cmd = argv[0]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     if args.cmd == "plan":
         from megatron_meml.plan import run_plan
 
@@ -71,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_meml.compare import run_compare
 
         return run_compare(args.recipe_dir, args.overrides, [int(x) for x in args.seeds.split(",")], args.out,
-                           variants=args.variant, only=args.only.split(",") if args.only else None)
+                           variants=args.variant, only=args.only.split(",") if args.only else None,
+                           default=args.default)
     if args.cmd == "demo":
         from megatron_meml.demo import run_demo
 
-        return run_demo(args.recipe_dir, args.overrides)
+        return run_demo(args.recipe_dir, args.overrides, default=args.default)
     if args.cmd == "export":
         from megatron_meml.export import ExportConfig, run_export
 
@@ -105,6 +124,10 @@ def _stage(args: argparse.Namespace) -> int:
             print(f"meml sft: model written to {stages.run_sft(cfg)}")
         elif args.cmd == "train":
             print(f"meml train: model written to {stages.run_train(cfg)}")
+        elif args.cmd == "traces":
+            from megatron_meml.traces import run_traces
+
+            run_traces(cfg, recipe=args.recipe)
         else:
             stages.run_eval(cfg, args.checkpoint)
     except (ConfigError, CheckpointError, DataError, RunError, FileNotFoundError) as e:
