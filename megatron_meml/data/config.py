@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-SOURCES = ("synthetic", "gsm8k", "mathqa", "strategyqa", "jsonl")
+SOURCES = ("synthetic", "wordmath", "gsm8k", "mathqa", "strategyqa", "jsonl")
 SYNTHETIC_OPS = ("add", "mul", "expr")
 
 
@@ -13,7 +13,8 @@ class DataConfig:
     """Problems for training and evaluation."""
 
     source: str = "synthetic"
-    """synthetic, gsm8k, mathqa, strategyqa or jsonl."""
+    """synthetic (character-level arithmetic for the toy), wordmath (word arithmetic in graded levels for real
+    tokenizers), gsm8k, mathqa, strategyqa or jsonl."""
     path: Optional[str] = None
     """Local file for the train split (wins over the hub)."""
     eval_path: Optional[str] = None
@@ -30,13 +31,14 @@ class DataConfig:
     skip_bad_rows: bool = False
     """Count, log and skip invalid rows instead of raising."""
     synthetic_levels: List[int] = field(default_factory=lambda: [1, 2, 3])
-    """Synthetic: difficulty levels (operand digits) in the mixture."""
+    """Synthetic and wordmath: difficulty levels in the mixture (synthetic: operand digits; wordmath: the level
+    table in data/wordmath.py, 1-7)."""
     synthetic_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    """Synthetic: mixture weight of each level."""
+    """Synthetic and wordmath: mixture weight of each level."""
     synthetic_ops: List[str] = field(default_factory=lambda: ["add"])
     """Synthetic: operations (add, mul, expr)."""
     synthetic_size: int = 4096
-    """Synthetic: number of generated problems."""
+    """Synthetic and wordmath: number of generated problems (wordmath: train + held-out together)."""
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

@@ -10,6 +10,7 @@ from typing import Optional
 from megatron_meml.data.benchmarks import PARSERS, hub_rows
 from megatron_meml.data.config import SOURCES, DataConfig
 from megatron_meml.data.rows import BadRows, DataError, RowRef, read_rows, require_object
+from megatron_meml.data import wordmath
 from megatron_meml.data.synthetic import generate_problems
 from megatron_meml.types import Problem
 
@@ -31,6 +32,10 @@ def load_problems(source: str, path: str | Path | None = None, split: str = "tra
         raise DataError(f"data.source must be one of {SOURCES}, got '{source}'")
     if source == "synthetic":
         return generate_problems(config or DataConfig(), seed=seed, split=split)
+    if source == "wordmath":
+        cfg = config or DataConfig()
+        return wordmath.generate_problems(cfg.synthetic_levels, cfg.synthetic_weights, cfg.synthetic_size,
+                                          seed=seed, split=split)
     if path is None and source == "jsonl":
         raise DataError("data.source=jsonl needs a local file: set data.path")
     if path is not None:
@@ -90,12 +95,27 @@ def _split_key(seed: int, pid: str) -> bytes:
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
     """(train, validation) problems for a run: ``cfg.eval_path`` when given, else a held-out fraction."""
+    if cfg.source == "wordmath":
+        return _wordmath_splits(cfg, seed)
     kwargs = dict(skip_bad_rows=cfg.skip_bad_rows, hub_id=cfg.hub_id, seed=seed, config=cfg)
     train = load_problems(cfg.source, cfg.path, cfg.split, **kwargs)
     if cfg.eval_path is not None:
         val = load_problems(cfg.source, cfg.eval_path, "validation", **kwargs)
     else:
         train, val = split_problems(train, cfg.val_fraction, seed)
+    if cfg.max_problems is not None:
+        train = train[: cfg.max_problems]
+    return train, val
+
+
+def _wordmath_splits(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """Word arithmetic: ``round(size * val_fraction)`` held-out problems from their own stream, then the rest of
+    ``synthetic_size`` for training with no held-out question text among them (small levels repeat otherwise)."""
+    n_val = round(cfg.synthetic_size * cfg.val_fraction)
+    levels, weights = cfg.synthetic_levels, cfg.synthetic_weights
+    val = wordmath.generate_problems(levels, weights, n_val, seed=seed, split="validation") if n_val else []
+    train = wordmath.generate_problems(levels, weights, cfg.synthetic_size - n_val, seed=seed, split="train",
+                                       exclude=frozenset(p.question for p in val))
     if cfg.max_problems is not None:
         train = train[: cfg.max_problems]
     return train, val
