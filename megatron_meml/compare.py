@@ -92,6 +92,17 @@ def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
     return out
 
 
+def _traces(mef: Path, overrides: list[str], root: Path, recipes: str) -> list[str]:
+    """Teacher traces for the MEF experts without gold solutions, drawn once for every seed (they are data, as the
+    paper's offline teacher traces are); returns the MEF overrides that name the trace files."""
+    from megatron_meml.defaults import trace_overrides
+
+    out = root / "traces"
+    _meml(["traces", str(mef), *overrides, f"output_dir={root}", "run_name=traces", f"traces.out_dir={out}",
+           "logging.progress=off"], root / "traces.log", recipes)
+    return trace_overrides(out)
+
+
 def _select_variants(riel: Path, overrides: list[str], variants: list[str], only: Optional[list[str]]):
     """(SFT rows, RL rows) to run, each name -> overrides; every --variant's overrides are checked against the recipe
     here, so a bad key fails before an hour of runs."""
@@ -108,12 +119,12 @@ def _select_variants(riel: Path, overrides: list[str], variants: list[str], only
 
 
 def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str], *,
-                variants: Optional[list[str]] = None, only: Optional[list[str]] = None) -> int:
+                variants: Optional[list[str]] = None, only: Optional[list[str]] = None, default: str = "toy") -> int:
+    from megatron_meml.defaults import resolve
     from megatron_meml.report import compare_stats, paired_differences, write_compare_table
 
-    folder = Path(recipe_dir) if recipe_dir else Path(__file__).resolve().parents[1] / "recipes"
-    mef, riel = folder / "embedded-default-mef.yaml", folder / "embedded-default.yaml"
     try:
+        d, mef, riel = resolve(default, recipe_dir)
         base = load_config(riel, overrides)
         sft_runs, rl = _select_variants(riel, overrides, variants or [], only)
     except (ConfigError, ValueError) as e:
@@ -125,12 +136,13 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     expert0 = base.experts.ids[0]
     rows = []
     t0 = time.perf_counter()
+    traces = _traces(mef, overrides, root, recipes) if d.traces else []
     for seed in seeds:
         common = [*overrides, f"seed={seed}", f"output_dir={root}", "logging.progress=off"]
         for variant, extra in sft_runs.items():
             name = f"{variant}-s{seed}"
-            _meml(["sft", str(mef), *common, f"run_name={name}", "eval.max_problems=0", *extra], root / f"{name}.log",
-                  recipes)
+            _meml(["sft", str(mef), *common, f"run_name={name}", "eval.max_problems=0", *traces, *extra],
+                  root / f"{name}.log", recipes)
             # evaluated on the RL recipe's held-out problems, like the RL variants (same problems for every row)
             _meml(["eval", str(riel), *common, f"run_name={name}-eval", *extra, "--checkpoint",
                    str(root / name / "final_model")], root / f"{name}-eval.log", recipes)

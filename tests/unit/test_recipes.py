@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from megatron_meml.config import load_config
+from megatron_meml.defaults import DEFAULTS
 from megatron_meml.plan import Layout, plan
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 NAME = re.compile(r"^(?P<algo>[a-z0-9]+)-(?P<model>[a-z0-9.-]+?)-(?P<nodes>\d+)n(?P<gpus>\d+)g-"
                   r"tp(?P<tp>\d+)pp(?P<pp>\d+)(?:vpp(?P<vpp>\d+))?dp(?P<dp>\d+)(?:-(?P<variant>[a-z0-9-]+))?\.yaml$")
-NOT_RUNS = {"embedded-default.yaml", "embedded-default-mef.yaml"}  # the CPU default has no cluster layout
+NOT_RUNS = {f for d in DEFAULTS.values() for f in (d.mef, d.riel)}  # the CPU defaults have no cluster layout
 RUNS = sorted(p for p in RECIPES.glob("*.yaml") if p.name not in NOT_RUNS)
 PAPER_MODELS = {"qwen2.5-math-1.5b", "llama-3.2-1b-instruct"}
 SCALE_MODELS = {"qwen2.5-7b", "qwen2.5-32b", "llama-3.1-8b", "llama-3.1-70b"}
