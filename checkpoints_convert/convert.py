@@ -112,9 +112,9 @@ def megatron_to_hf_dir(megatron: Path, out: Path, *, config: Optional[Path] = No
 
     ``config``: directory holding the HF config.json (default: the checkpoint directory itself).
     """
+    md = read_metadata(megatron)  # first: a missing checkpoint is named as such, not as a missing config.json
     cfg_dir = config or megatron
     cfg, arch = load_arch(cfg_dir)
-    md = read_metadata(megatron)
     names = list(megatron_names(arch))
     for name in names:
         key, _ = ckpt_key(name)

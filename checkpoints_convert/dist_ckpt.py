@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
                                                    TensorProperties, TensorStorageMetadata)
@@ -95,6 +96,9 @@ def write_checkpoint(out: Path, chunks: list[Chunk], objects: dict[str, Any]) ->
 
 def read_metadata(ckpt: Path) -> Metadata:
     """DCP metadata of a Megatron checkpoint directory, with a clear error when it is not one."""
+    if not ckpt.is_dir():
+        raise ConvertError(f"Megatron checkpoint directory '{ckpt}' does not exist; pass the --out directory of "
+                           "hf-to-megatron or a model checkpoint directory that a run saved")
     meta = ckpt / "metadata.json"
     if not (ckpt / ".metadata").is_file() or not meta.is_file():
         raise ConvertError(f"'{ckpt}' is not a Megatron dist checkpoint (no .metadata / metadata.json)")
@@ -102,6 +106,21 @@ def read_metadata(ckpt: Path) -> Metadata:
     if backend != "torch_dist":
         raise ConvertError(f"{meta}: sharded_backend '{backend}' is not supported (only torch_dist)")
     return dcp.FileSystemReader(str(ckpt)).read_metadata()
+
+
+# What reading a damaged checkpoint raises: DCP's per-rank wrapper, torch.load's RuntimeError, a short read.
+READ_ERRORS = (CheckpointException, RuntimeError, OSError, EOFError)
+
+
+def unreadable(ckpt: Path | str, e: BaseException) -> ConvertError:
+    """One-line error for a checkpoint whose files cannot be read (``e``: one of READ_ERRORS, or Megatron's)."""
+    failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+    if failures:
+        inner = next(iter(failures.values()))
+        e = inner[0] if isinstance(inner, tuple) else inner
+    why = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+    return ConvertError(f"Megatron checkpoint '{ckpt}' cannot be read ({type(e).__name__}: {why}): a file in it is "
+                        "missing, truncated or corrupt; write the checkpoint again")
 
 
 def tensor_meta(md: Metadata, key: str) -> TensorStorageMetadata:
@@ -157,5 +176,8 @@ def read_chunks(ckpt: Path, requests: list[tuple[str, tuple[int, ...], tuple[int
     planner = _ChunkLoadPlanner(requests)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({}, storage_reader=dcp.FileSystemReader(str(ckpt)), planner=planner, no_dist=True)
+        try:
+            dcp.load({}, storage_reader=dcp.FileSystemReader(str(ckpt)), planner=planner, no_dist=True)
+        except READ_ERRORS as e:
+            raise unreadable(ckpt, e) from None
     return [planner.out[(k, o)] for k, o, _ in requests]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from checkpoints_convert.mapping import ConvertError
@@ -20,6 +21,17 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "generation_config.json")
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@contextmanager
+def open_safetensors(f: Path) -> Iterator:
+    """``safe_open`` whose failures (truncated, corrupt or missing file) become one ConvertError naming the file."""
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            yield h
+    except (SafetensorError, OSError) as e:
+        raise ConvertError(f"'{f}' cannot be read as safetensors ({e}): it is missing, truncated or corrupt; "
+                           "write it again (re-run the fetch or conversion that made it)") from None
 
 
 class HFReader:
@@ -41,7 +53,7 @@ class HFReader:
                                    "re-save them with save_pretrained(safe_serialization=True))")
             self.files = {}
             for f in shards:
-                with safe_open(str(f), framework="pt") as h:
+                with open_safetensors(f) as h:
                     self.files.update({k: f for k in h.keys()})
 
     def _file(self, name: str) -> Path:
@@ -51,18 +63,18 @@ class HFReader:
             raise ConvertError(f"tensor '{name}' is missing from the HF checkpoint in '{self.path}'") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(str(self._file(name)), framework="pt") as h:
+        with open_safetensors(self._file(name)) as h:
             return tuple(h.get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        with safe_open(str(self._file(name)), framework="pt") as h:
+        with open_safetensors(self._file(name)) as h:
             code = h.get_slice(name).get_dtype()
         if code not in SAFETENSORS_DTYPES:
             raise ConvertError(f"tensor '{name}' has dtype {code}; supported: {', '.join(SAFETENSORS_DTYPES)}")
         return SAFETENSORS_DTYPES[code]
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self._file(name)), framework="pt") as h:
+        with open_safetensors(self._file(name)) as h:
             return h.get_tensor(name).clone()  # own the memory, so the mapping can be dropped with the handle
 
 

@@ -20,15 +20,12 @@ from typing import Callable, Optional
 
 import torch
 
+from checkpoints_convert.errors import ConvertError
 from megatron_meml.model.arch import ArchSpec, UnsupportedArchitecture
 
 LAYER_PREFIX = "decoder.layers."
 HF_LAYER_PREFIX = "model.layers."
 KINDS = ("copy", "qkv", "gate_up")
-
-
-class ConvertError(ValueError):
-    """A problem with the user's input (checkpoint, config, layout) that names what is wrong."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -120,23 +120,30 @@ def init_model_weights(cfg: MemlConfig, ctx_state: Any, arch: ArchSpec) -> str:
 
 
 def load_hf_weights(hf_dir: Path, chunks: list[Any], arch: ArchSpec) -> None:
-    """Fill this rank's shards from a HF checkpoint, one tensor at a time, through the conversion tables."""
+    """Fill this rank's shards from a HF checkpoint, one tensor at a time, through the conversion tables.
+
+    A missing, truncated or mis-shaped weight file is a RunError naming ``model.hf_path`` and the file.
+    """
+    from checkpoints_convert.errors import ConvertError
     from checkpoints_convert.hf_io import HFReader
     from checkpoints_convert.mapping import shard_for_tp, to_global_name
     from checkpoints_convert.mappings import hf_to_megatron
     from megatron.core import parallel_state as ps
 
-    from megatron_meml.training.setup import unwrap
+    from megatron_meml.model.provider import unwrap
 
-    reader = HFReader(hf_dir)
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    with torch.no_grad():
-        for chunk in chunks:
-            for name, p in unwrap(chunk).named_parameters():
-                full = hf_to_megatron(arch, to_global_name(name, arch.num_layers, pp, pp_rank), reader.get)
-                p.copy_(shard_for_tp(name, full, tp, tp_rank) if getattr(p, "tensor_model_parallel", False)
-                        else full)
+    try:
+        reader = HFReader(hf_dir)
+        tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+        with torch.no_grad():
+            for chunk in chunks:
+                for name, p in unwrap(chunk).named_parameters():
+                    full = hf_to_megatron(arch, to_global_name(name, arch.num_layers, pp, pp_rank), reader.get)
+                    p.copy_(shard_for_tp(name, full, tp, tp_rank) if getattr(p, "tensor_model_parallel", False)
+                            else full)
+    except ConvertError as e:
+        raise RunError(f"model.hf_path '{hf_dir}': {e}") from None
 
 
 def setup_run(cfg: MemlConfig, stage: str, *, run_dir: Optional[Path] = None, lr: Optional[float] = None,

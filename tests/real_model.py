@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from checkpoints_convert.models import SMOLLM2_135M_INSTRUCT, default_out, is_fetched
+
 ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2 = ROOT / ".models" / "SmolLM2-135M-Instruct"
 
 
 def real_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct HF directory, or skip / fail as above."""
-    if (SMOLLM2 / "config.json").is_file() and list(SMOLLM2.glob("*.safetensors")):
-        return SMOLLM2
-    message = (f"the real model is not at {SMOLLM2}; fetch it with `make model` "
-               "(python -m checkpoints_convert fetch smollm2-135m-instruct)")
+    path = ROOT / default_out(SMOLLM2_135M_INSTRUCT)
+    if is_fetched(SMOLLM2_135M_INSTRUCT, path):
+        return path
+    why = f"{path} is missing: run `make model` (python -m checkpoints_convert fetch smollm2-135m-instruct)"
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message)
-    pytest.skip(message)
+        pytest.fail(f"{why}; in CI (CI={os.environ['CI']}) the real model must be there")
+    pytest.skip(why)

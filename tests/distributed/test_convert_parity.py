@@ -1,6 +1,7 @@
 """``verify``: logits of the HF model vs. the real Megatron model loaded from the converted checkpoint, at
-TP=1, TP=2, PP=2 (and TP=2 x PP=2 through the CLI), fp32 tolerance 1e-5; and a checkpoint written by Megatron
-itself (TP=2 x PP=2) converted to HF matches too. Ranks are spawned by ``verify`` itself (gloo, CPU)."""
+TP=1, TP=2, PP=2 (and TP=2 x PP=2 through the CLI), fp32 tolerance 1e-5 on these O(1) logits; and a checkpoint
+written by Megatron itself (TP=2 x PP=2) converted to HF matches too. verify's own rule (relative to the logit
+scale): real-scale logits pass at TP=2, a wrong mapping table fails. Ranks are spawned by ``verify`` (gloo, CPU)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +10,11 @@ import pytest
 
 from checkpoints_convert.__main__ import main
 from checkpoints_convert.convert import hf_to_megatron_dir, megatron_to_hf_dir
+from checkpoints_convert.mappings import TABLES
 from checkpoints_convert.verify import VerifyConfig, verify
 from tests.dist import run_distributed
 from tests.unit.test_convert_roundtrip import WORDS, tiny_hf_model
+from tests.unit.test_convert_verify import WRONG, real_scale, wrong_table
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5
@@ -51,6 +54,27 @@ def test_wrong_weights_fail_with_exit_code_1(models, tmp_path, capsys):
     other = tiny_hf_model("qwen2", tmp_path / "other", seed=1)
     code = main(["verify", "--hf", str(other), "--megatron", str(models["qwen2"][1])])
     assert code == 1 and "FAIL" in capsys.readouterr().out
+
+
+def test_real_scale_logits_pass_at_tp2(tmp_path):
+    """Logits ~8x larger (max ~27, as a real model's): TP=2 reduction-order noise grows with them, and the rule
+    (max |diff| <= 1e-4 x max |logit|) still passes."""
+    hf = real_scale(tiny_hf_model("qwen2", tmp_path / "hf"), 8.0)
+    hf_to_megatron_dir(hf, tmp_path / "meg", tp=2)
+    r = verify(VerifyConfig(hf=str(hf), megatron=str(tmp_path / "meg"), tp=2))
+    print(f"real-scale tiny qwen2 tp=2: max |diff| {r.max_abs_diff:.2e} = {r.relative_diff:.1e} x {r.logit_scale:.1f}")
+    assert r.logit_scale > 20 and r.max_abs_diff > 0 and r.passed and r.greedy_agreement == 1.0, r
+
+
+def test_wrong_mapping_table_fails_at_tp2(tmp_path, monkeypatch, capsys):
+    """A checkpoint written through a table with gate/up swapped: verify (ranks use the real table) says FAIL."""
+    hf = real_scale(tiny_hf_model("llama", tmp_path / "hf", layers=2), 8.0)
+    with monkeypatch.context() as m:
+        m.setitem(TABLES, "llama", wrong_table("llama", *WRONG["gate_up_swapped"]))
+        hf_to_megatron_dir(hf, tmp_path / "meg", tp=2)
+    code = main(["verify", "--hf", str(hf), "--megatron", str(tmp_path / "meg"), "--tp", "2"])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAIL" in out, out
 
 
 def _save_megatron_model(rank, world, hf_dir, ckpt):

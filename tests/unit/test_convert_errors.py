@@ -111,3 +111,52 @@ def test_missing_config_and_weights(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, err = run(capsys, "hf-to-megatron", "--hf", tmp_path / "empty", "--out", tmp_path / "out")
     assert code == 2 and "no config.json" in err
+
+
+@pytest.mark.parametrize("command", ["verify", "megatron-to-hf"])
+def test_missing_megatron_directory_is_one_line(qwen, tmp_path, capsys, command):
+    gone = tmp_path / "no_such_ckpt"
+    argv = (["verify", "--hf", qwen, "--megatron", gone] if command == "verify" else
+            ["megatron-to-hf", "--megatron", gone, "--out", tmp_path / "out"])
+    code, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"Megatron checkpoint directory '{gone}' does not exist" in err and "hf-to-megatron" in err
+
+
+def test_damaged_megatron_checkpoint_is_one_line(qwen, tmp_path, capsys):
+    meg = tmp_path / "meg"
+    hf_to_megatron_dir(qwen, meg)
+    piece = max(meg.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    piece.write_bytes(piece.read_bytes()[:100])
+    code, err = run(capsys, "megatron-to-hf", "--megatron", meg, "--out", tmp_path / "out", "--config", qwen)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"Megatron checkpoint '{meg}' cannot be read" in err and "truncated" in err
+
+
+def truncated_copy(src: Path, dst: Path) -> Path:
+    """``src`` with its model.safetensors cut in half (as an interrupted download or copy leaves it)."""
+    dst.mkdir()
+    (dst / "config.json").write_bytes((src / "config.json").read_bytes())
+    data = (src / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def test_truncated_safetensors_is_named(qwen, tmp_path, capsys):
+    src = truncated_copy(qwen, tmp_path / "m")
+    code, err = run(capsys, "hf-to-megatron", "--hf", src, "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"'{src / 'model.safetensors'}' cannot be read as safetensors" in err and "truncated" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_safetensors_in_model_hf_path_is_a_run_error(qwen, tmp_path):
+    """The trainer's HF weight loading (megatron_meml/run.py) raises RunError, which `meml` prints as one line."""
+    from megatron_meml.model.arch import arch_from_hf_config, load_hf_config
+    from megatron_meml.run import RunError, load_hf_weights
+
+    src = truncated_copy(qwen, tmp_path / "m")
+    arch = arch_from_hf_config(load_hf_config(src))
+    with pytest.raises(RunError, match=r"^model.hf_path '.*/m': '.*/m/model.safetensors' cannot be read as "
+                                       r"safetensors .*truncated"):
+        load_hf_weights(src, [], arch)

@@ -1,0 +1,5 @@
+"""The one user-error type of the package, in a module that imports nothing heavy (``fetch`` runs without torch)."""
+
+
+class ConvertError(ValueError):
+    """A problem with the user's input (checkpoint, config, layout) that names what is wrong."""
