@@ -17,7 +17,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_meml.training.setup import TrainState, unwrap
+from megatron_meml.model.provider import unwrap
+from megatron_meml.training.setup import TrainState
 
 LATEST = "latest"
 OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,11 @@ def build_model(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfig, *, v
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def unwrap(chunk: Any) -> Any:
+    """The ``GPTModel`` that ``build_model`` made, from inside a wrapper (Megatron DDP's ``module``) or bare."""
+    return getattr(chunk, "module", chunk)
 
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:

@@ -5,7 +5,9 @@ of data-parallel replica 0; the stage leaders (TP rank 0 of replica 0 on each pi
 to the rollout rank (global rank 0) in safetensors buckets of ``rollout.sync_bucket_mb``, with global layer
 indices (so stages never collide on names). Names come from the conversion tables
 (``checkpoints_convert.mappings``), the same mapping the checkpoint converter uses. The engine validates the
-complete set before loading it, then resets its prefix cache (``VLLMBackend.update_weights``).
+complete set before loading it, then resets its prefix cache (``VLLMBackend.update_weights``). Every tensor is cast to
+the engine's dtype on the rank that sends it (under bf16 the trainer keeps its norm weights in fp32; the engine's
+are bf16), so the engine never converts on load and the wire carries the engine's bytes.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ from checkpoints_convert.mapping import gather_from_tp, to_global_name
 from checkpoints_convert.mappings import megatron_to_hf
 from megatron_meml.model.arch import ArchSpec
 from megatron_meml.model.hf_config import hf_config_dict
-from megatron_meml.training.setup import unwrap
+from megatron_meml.model.provider import unwrap
 
 ROLLOUT_RANK = 0
+ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``model.dtype`` names -> the torch dtype the rollout engine holds its weights in."""
 
 
 def stage_hf_tensors(chunks: list[Any], arch: ArchSpec, *,
@@ -92,7 +96,8 @@ def _recv_bytes(src: int) -> bytes:
 
 def collect_hf_weights(chunks: list[Any], arch: ArchSpec, *, bucket_mb: int = 256,
                        dtype: Optional[torch.dtype] = None) -> Optional[list[tuple[str, torch.Tensor]]]:
-    """Collective over all ranks: the whole model as HF tensors on the rollout rank (None elsewhere)."""
+    """Collective over all ranks: the whole model as HF tensors on the rollout rank (None elsewhere); each cast to
+    ``dtype`` (the engine's) before it leaves its rank, when given."""
     from megatron.core import parallel_state as ps
     from safetensors.torch import load, save
 
@@ -106,7 +111,7 @@ def collect_hf_weights(chunks: list[Any], arch: ArchSpec, *, bucket_mb: int = 25
     bucket: dict[str, torch.Tensor] = {}
     size = 0
     for name, t in stage_hf_tensors(chunks, arch, window_bytes=limit):
-        t = t if dtype is None else t.to(dtype)
+        t = t if dtype is None or t.dtype == dtype else t.to(dtype)
         if me == ROLLOUT_RANK:
             out.append((name, t))
             continue
@@ -136,10 +141,12 @@ def _stage_leader(stage: int) -> int:
     return dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[stage]
 
 
-def sync_weights(engine: Any, chunks: list[Any], arch: ArchSpec, *, bucket_mb: int = 256) -> dict[str, float]:
-    """Collective: push the current weights into ``engine`` (held by the rollout rank; None elsewhere)."""
+def sync_weights(engine: Any, chunks: list[Any], arch: ArchSpec, *, bucket_mb: int = 256,
+                 dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+    """Collective: push the current weights into ``engine`` (held by the rollout rank; None elsewhere), cast to
+    ``dtype``, the engine's parameter dtype (every rank passes the same one)."""
     t0 = time.perf_counter()
-    named = collect_hf_weights(chunks, arch, bucket_mb=bucket_mb)
+    named = collect_hf_weights(chunks, arch, bucket_mb=bucket_mb, dtype=dtype)
     t1 = time.perf_counter()
     nbytes = 0
     if named is not None and engine is not None:

@@ -25,7 +25,7 @@ LAYOUTS = [(1, 1, None, "fp32", False), (1, 1, None, "bf16", True), (2, 1, None,
 
 def _measure(state) -> tuple[int, int, int, int, int]:
     """(params, grad-buffer elements, weight bytes, optimizer-moment elements, optimizer bytes) on this rank."""
-    from megatron_meml.training.setup import unwrap
+    from megatron_meml.model.provider import unwrap
 
     params = sum(p.numel() for c in state.model for p in unwrap(c).parameters())
     buffers = sum(b.numel for c in state.model for b in c.buffers)

@@ -77,3 +77,41 @@ def _engine_lp(engine):
 @pytest.mark.parametrize("tp,pp,tie", [(2, 1, True), (1, 2, False), (2, 2, True)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_sync_after_step_matches_megatron(tmp_path, tp, pp, tie):
     run_distributed(_sync_body, tp * pp, tmp_path, tp, pp, tie, megatron=True, timeout_s=900)
+
+
+class _RecordingEngine:
+    """Stands in for the rollout engine: keeps what a push hands it."""
+
+    def update_weights(self, named):
+        self.named = list(named)
+        return sum(t.numel() * t.element_size() for _, t in named)
+
+
+def _engine_dtype_body(rank, world, tmp):
+    from megatron_meml.model.arch import arch_from_model_config
+    from megatron_meml.model.config import ModelConfig
+    from megatron_meml.model.provider import build_model
+    from megatron_meml.rollout.weight_sync import collect_hf_weights, sync_weights
+
+    par = init_parallel(2, 2, seed=5)
+    mcfg = ModelConfig(**SHAPE, tie_embeddings=True, dtype="bf16")
+    arch = arch_from_model_config(mcfg)
+    chunks = [build_model(arch, mcfg, par)]
+    own = collect_hf_weights(chunks, arch)  # the trainer's dtypes: bf16, norm weights fp32
+    engine = _RecordingEngine() if rank == 0 else None
+    metrics = sync_weights(engine, chunks, arch, dtype=torch.bfloat16, bucket_mb=1)
+    if rank != 0:
+        return
+    fp32 = [n for n, t in own if t.dtype == torch.float32]
+    assert fp32 and all("norm" in n for n in fp32), fp32
+    want = dict(own)
+    assert sorted(n for n, _ in engine.named) == sorted(want) and len(engine.named) == len(want)
+    for name, got in engine.named:
+        assert got.dtype == torch.bfloat16, name
+        torch.testing.assert_close(got, want[name].to(torch.bfloat16), atol=0, rtol=0)
+    assert metrics["weight_sync/bytes"] == sum(t.numel() * 2 for _, t in own)
+
+
+def test_sync_casts_to_the_engine_dtype_tp2xpp2(tmp_path):
+    """bf16 trainer (fp32 norm weights) -> a bf16 engine: every pushed tensor is bf16, from every stage."""
+    run_distributed(_engine_dtype_body, 4, tmp_path, megatron=True)
