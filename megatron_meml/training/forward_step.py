@@ -44,6 +44,9 @@ class MicroBatch:
     old_logprobs: Optional[torch.Tensor] = None
     rollout_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
+    teacher_seq: Optional[torch.Tensor] = None
+    """[B] float: a STUDENT row's teacher sequence log-prob log pi(O+ | Q, P+), scored before the step, when the
+    teacher row is not in the micro-batch (then ``partner`` is -1); None: the teacher row is here (``partner``)."""
 
     def to(self, device: torch.device) -> "MicroBatch":
         """The same micro-batch with every tensor on ``device`` (the model's)."""
@@ -61,6 +64,8 @@ class StepNormalisers:
     """Mutual-learning pairs."""
     sft: float
     """SFT target tokens (token_mean) or SFT sequences (seq_* aggregations)."""
+    scored: float = 1.0
+    """The three counts summed before the >= 1 floor: 0 when no DP rank has anything to score this step."""
 
 
 def step_normalisers(micro: list[MicroBatch], algo: AlgoConfig, dp_group=None) -> StepNormalisers:
@@ -74,7 +79,7 @@ def step_normalisers(micro: list[MicroBatch], algo: AlgoConfig, dp_group=None) -
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(counts, group=dp_group)
     pg, pairs, sft = (max(float(c), 1.0) for c in counts)
-    return StepNormalisers(pg=pg, pairs=pairs, sft=sft)
+    return StepNormalisers(pg=pg, pairs=pairs, sft=sft, scored=float(counts.sum()))
 
 
 def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo: AlgoConfig, tp_group,
@@ -119,11 +124,15 @@ def _mutual_terms(lp, logits, mask, mb: MicroBatch, students: torch.Tensor, norm
                   algo: AlgoConfig, tp_group, metrics: dict) -> torch.Tensor:
     """lambda1 L_mutual (+ the strong-expert protection term) of this micro-batch's pairs; adds their metrics."""
     teachers = mb.partner[students]
+    if mb.teacher_seq is not None and (algo.mutual_kind != "sequence" or algo.mutual_teacher_nll > 0):
+        raise ValueError("teacher log-probs scored ahead serve only algo.mutual_kind=sequence without "
+                         "algo.mutual_teacher_nll: the other variants need the teacher row in the micro-batch")
     w, m = mutual_pair_weights(lp[students], mask[students], mb.advantages[students],
                                normalise=algo.mutual_normalise, min_student_logprob=algo.mutual_min_student_logprob)
     metrics.update(m)
     if algo.mutual_kind == "sequence":
-        t_seq = sequence_logprob(lp[teachers], mask[teachers]).detach()
+        t_seq = (mb.teacher_seq[students].to(lp.dtype) if mb.teacher_seq is not None
+                 else sequence_logprob(lp[teachers], mask[teachers]).detach())
         kl, m = sequence_mutual_kl_loss(lp[students], mask[students], t_seq, norm.pairs, pair_weights=w)
     else:
         s_pos, t_pos = mutual_kl_positions(mask, students, teachers)

@@ -3,6 +3,7 @@ schedules. It knows nothing of rollouts or rewards: a TrainBatch comes in, gradi
 come out."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -15,12 +16,18 @@ from megatron_meml.training.setup import TrainState, zero_grads
 from megatron_meml.types import TrainBatch
 
 
-def pack_rows(row_kind: torch.Tensor, pair_id: Optional[torch.Tensor], micro_batch_size: int) -> list[list[int]]:
+def pack_rows(row_kind: torch.Tensor, pair_id: Optional[torch.Tensor], micro_batch_size: int, *,
+              pairs_together: bool = True) -> list[list[int]]:
     """Row indices of each micro-batch: rows in order, a mutual-learning pair (STUDENT + TEACHER with the same
-    pair_id) never split across micro-batches."""
+    pair_id) never split across micro-batches. With ``pairs_together=False`` (teachers scored ahead, no TEACHER
+    rows left) a STUDENT row is a row like any other."""
     units: list[list[int]] = []
     placed: set[int] = set()
     teacher_of: dict[int, int] = {}
+    if not pairs_together:
+        if bool((row_kind == TEACHER).any()):
+            raise ValueError("pack_rows(pairs_together=False) got TEACHER rows; score them ahead and drop them")
+        row_kind = torch.where(row_kind == STUDENT, GRPO, row_kind)
     if pair_id is not None:
         for r in (row_kind == TEACHER).nonzero().squeeze(-1).tolist():
             teacher_of[int(pair_id[r])] = r
@@ -71,23 +78,27 @@ def scored_length(loss_mask: torch.Tensor, total: int, multiple: int = 1) -> int
     return min(total, need)
 
 
-def split_batch(batch: TrainBatch, micro_batch_size: int, pad_id: int, *,
-                trim_multiple: int = 0) -> tuple[list[MicroBatch], list[list[int]]]:
-    """Micro-batches of exactly micro_batch_size rows; padding rows score nothing. With ``trim_multiple`` > 0
-    each micro-batch is cut to its own ``scored_length`` (only without pipeline parallelism: pipeline stages
-    exchange activations of one fixed shape); with 0 every micro-batch keeps the batch's full length T."""
-    groups = pack_rows(batch.row_kind, batch.pair_id, micro_batch_size)
-    n = micro_batch_size
+def split_batch(batch: TrainBatch, micro_batch_size: int, pad_id: int, *, trim_multiple: int = 0,
+                trim_rows: bool = False, teacher_seq: Optional[torch.Tensor] = None,
+                ) -> tuple[list[MicroBatch], list[list[int]]]:
+    """Micro-batches of at most micro_batch_size rows. With ``trim_multiple`` > 0 each micro-batch is cut to its
+    own ``scored_length``, and with ``trim_rows`` it holds only its own rows; both only without pipeline
+    parallelism (pipeline stages exchange activations of one fixed shape [T, micro_batch_size, H]). Otherwise
+    every micro-batch keeps the batch's full length T and is filled up to micro_batch_size with padding rows,
+    which score nothing.
+    ``teacher_seq`` [B] (a STUDENT row's teacher sequence log-prob, scored ahead; the batch then has no TEACHER
+    rows) lets students go into any micro-batch without their teacher."""
+    groups = pack_rows(batch.row_kind, batch.pair_id, micro_batch_size, pairs_together=teacher_seq is None)
     labels = torch.full_like(batch.tokens, pad_id)
     labels[:, :-1] = batch.tokens[:, 1:]
     micro = []
     for rows in groups:
-        t = batch.tokens.shape[1]
+        t, n = batch.tokens.shape[1], len(rows) if trim_rows else micro_batch_size
         if trim_multiple:
             t = scored_length(batch.loss_mask[rows], t, trim_multiple)
         kind = _take(batch.row_kind, rows, n, GRPO)
         partner = torch.full((n,), -1, dtype=torch.long)
-        if batch.pair_id is not None:
+        if batch.pair_id is not None and teacher_seq is None:
             local = {r: i for i, r in enumerate(rows)}
             for i, r in enumerate(rows):
                 if int(batch.row_kind[r]) == STUDENT:
@@ -100,26 +111,51 @@ def split_batch(batch: TrainBatch, micro_batch_size: int, pad_id: int, *,
             advantages=_take(batch.advantages, rows, n, 0.0), partner=partner,
             old_logprobs=_take(batch.old_logprobs, rows, n, 0.0, t),
             rollout_logprobs=_take(batch.rollout_logprobs, rows, n, 0.0, t),
-            ref_logprobs=_take(batch.ref_logprobs, rows, n, 0.0, t)))
+            ref_logprobs=_take(batch.ref_logprobs, rows, n, 0.0, t), teacher_seq=_take(teacher_seq, rows, n, 0.0)))
     return micro, groups
+
+
+def take_rows(batch: TrainBatch, rows: list[int]) -> TrainBatch:
+    """The TrainBatch of ``rows`` (in that order), every per-row field kept."""
+    fields = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+    return TrainBatch(**fields)
+
+
+def teacher_ahead(algo: AlgoConfig) -> bool:
+    """The mutual-learning teacher rows need no gradient and only their sequence log-prob (sequence KL, no
+    teacher NLL): they are scored by one no-grad forward before the step instead of riding forward *and*
+    backward in the micro-batches (a backward over a row costs about twice its forward, gradient or not)."""
+    return algo.mutual_kind == "sequence" and algo.mutual_teacher_nll == 0
+
+
+def empty_step_metrics() -> dict[str, float]:
+    """A step in which no DP rank scores anything (no GRPO token, pair or SFT token: e.g. every advantage <= 0
+    under the paper's loss). It runs no forward, backward or optimizer step, on every rank alike (the counts are
+    global): the gradient would be exactly zero, and AdamW on a zero gradient still moves the weights along its
+    momentum, which no data asked for. On the real model this was 1.3-2.3 s per empty step (docs/performance.md)."""
+    return {"train/loss": 0.0, "train/grad_norm": 0.0, "train/update_skipped": 1.0, "train/empty_step": 1.0}
 
 
 class Trainer:
     """Runs Megatron's forward/backward schedule on TrainBatches for one model replica."""
 
-    def __init__(self, state: TrainState, algo: AlgoConfig, *, micro_batch_size: int, pad_id: int):
+    def __init__(self, state: TrainState, algo: AlgoConfig, *, micro_batch_size: int, pad_id: int,
+                 score_teachers_ahead: bool = True):
         from megatron.core import parallel_state as ps
 
         self.state, self.algo = state, algo
+        self.score_teachers_ahead = score_teachers_ahead and teacher_ahead(algo)
         self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.is_last = ps.is_pipeline_last_stage()
         self.last_rank = ps.get_pipeline_model_parallel_last_rank()
-        # Without PP each micro-batch runs at its own length (a multiple of TP, for sequence parallelism).
+        # Without PP each micro-batch runs at its own length (a multiple of TP, for sequence parallelism) and
+        # with its own rows only (a step of 3 rows at micro_batch_size 8 once ran 8 rows, 5 of them padding).
         pp_size = ps.get_pipeline_model_parallel_world_size()
         self.trim_multiple = ps.get_tensor_model_parallel_world_size() if pp_size == 1 else 0
+        self.trim_rows = pp_size == 1
 
     def _schedule(self, fwd, micro: list[MicroBatch], forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -132,7 +168,7 @@ class Trainer:
 
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """[B, T] fp32 log-probs of each next token under the current weights (no grad), on every PP rank."""
-        micro, groups = split_batch(batch, self.micro_batch_size, self.pad_id)
+        micro, groups = split_batch(batch, self.micro_batch_size, self.pad_id, trim_rows=self.trim_rows)
         for chunk in self.state.model:
             chunk.eval()
         with torch.no_grad():
@@ -149,8 +185,14 @@ class Trainer:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """Forward/backward over all micro-batches, one optimizer step; metrics summed over the step."""
-        micro, _ = split_batch(batch, self.micro_batch_size, self.pad_id, trim_multiple=self.trim_multiple)
+        teacher_seq = None
+        if self.score_teachers_ahead and bool((batch.row_kind == TEACHER).any()):
+            batch, teacher_seq = self._score_teachers(batch)
+        micro, _ = split_batch(batch, self.micro_batch_size, self.pad_id, trim_multiple=self.trim_multiple,
+                               trim_rows=self.trim_rows, teacher_seq=teacher_seq)
         norm = step_normalisers(micro, self.algo, self.dp_group)
+        if norm.scored == 0:
+            return empty_step_metrics()
         dp = dist.get_world_size(self.dp_group)
         fwd = make_forward_step(norm, self.algo, num_microbatches=len(micro), dp_size=dp, tp_group=self.tp_group)
         zero_grads(self.state)
@@ -159,7 +201,23 @@ class Trainer:
         metrics = self._reduce(outs)
         metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["train/update_skipped"] = 0.0 if ok else 1.0
+        metrics["train/empty_step"] = 0.0
         return metrics
+
+    def _score_teachers(self, batch: TrainBatch) -> tuple[TrainBatch, torch.Tensor]:
+        """(the batch without its TEACHER rows, [B'] each STUDENT row's teacher log pi(O+ | Q, P+) under the
+        current weights, 0 elsewhere). Same weights and tokens as in the micro-batch, so the same value."""
+        kind = batch.row_kind
+        teachers = (kind == TEACHER).nonzero().squeeze(-1).tolist()
+        rest = (kind != TEACHER).nonzero().squeeze(-1).tolist()
+        scored = take_rows(batch, teachers)
+        scored = dataclasses.replace(scored, row_kind=torch.full_like(scored.row_kind, GRPO))  # plain rows, unpaired
+        lp = self.compute_logprobs(scored)
+        seq_of = dict(zip(scored.pair_id.tolist(), (lp * scored.loss_mask).sum(-1).tolist()))
+        out = take_rows(batch, rest)
+        teacher_seq = torch.tensor([seq_of[int(p)] if int(k) == STUDENT else 0.0
+                                    for k, p in zip(out.row_kind, out.pair_id)], dtype=torch.float32)
+        return out, teacher_seq
 
     def _reduce(self, outs: list[dict]) -> dict[str, float]:
         """Sum-form metrics: summed over micro-batches, then over DP; broadcast to every PP rank."""

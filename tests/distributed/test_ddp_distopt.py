@@ -41,7 +41,8 @@ def _dp(rank, world, tmp):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_meml.training.config import TrainConfig
-    from megatron_meml.training.setup import setup_training, unwrap, zero_grads
+    from megatron_meml.model.provider import unwrap
+    from megatron_meml.training.setup import setup_training, zero_grads
     from tests.megatron_models import lm_forward_step
 
     par = init_parallel(1, 1)
@@ -49,6 +50,7 @@ def _dp(rank, world, tmp):
     state = setup_training(tiny_arch(), tiny_model_config(), par, TrainConfig(grad_clip=0.0), lr=LR)
     load_model(unwrap(state.model[0]), f"{tmp}/ckpt")
     state.optimizer.reload_model_params()  # fp32 main copies follow the loaded weights
+    assert all(g["fused"] for g in state.optimizer.optimizer.param_groups)  # torch's fused CPU AdamW kernel
     tokens, labels = fixed_batch()
     mine = (tokens.chunk(2)[rank], labels.chunk(2)[rank])
     got = []

@@ -50,12 +50,13 @@ def _algo(algo_kind):
                       mutual_teacher_nll=0.4, mutual_min_student_logprob=-50.0)
 
 
-def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs):
+def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs, ahead=True):
     """Build at (tp, pp), load the reference weights, run one train step; return {global name: grad}."""
     from megatron.core import parallel_state as ps
     from megatron_meml.parallel import ParallelConfig
     from megatron_meml.training.config import TrainConfig
-    from megatron_meml.training.setup import setup_training, unwrap
+    from megatron_meml.model.provider import unwrap
+    from megatron_meml.training.setup import setup_training
     from megatron_meml.training.trainer import Trainer, pack_rows
     from megatron_meml.types import TrainBatch
 
@@ -71,7 +72,7 @@ def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs):
                            row_kind=batch.row_kind[rows], advantages=batch.advantages[rows],
                            old_logprobs=batch.old_logprobs[rows], rollout_logprobs=batch.rollout_logprobs[rows],
                            pair_id=batch.pair_id[rows])
-    trainer = Trainer(state, _algo(algo_kind), micro_batch_size=mbs, pad_id=PAD)
+    trainer = Trainer(state, _algo(algo_kind), micro_batch_size=mbs, pad_id=PAD, score_teachers_ahead=ahead)
     metrics = trainer.train_step(batch)
     offset = ps.get_pipeline_model_parallel_rank() * (LAYERS // pp)
     out = {}
@@ -140,3 +141,58 @@ def reference(request, tmp_path_factory):
 def test_train_step_gradients_match_single_process(reference, tp, pp, dp, mbs):
     tmp, algo_kind = reference
     run_distributed(_check, tp * pp * dp, tmp, algo_kind, tp, pp, dp, mbs, megatron=True)
+
+
+def _teachers_ahead(rank, world, tmp):
+    """The paper's sequence KL with the teachers scored by a no-grad forward before the step (the default) gives
+    the in-batch teacher rows' gradients and metrics, with 3 micro-batches (pairs then split from teachers)."""
+    from megatron_meml.model.provider import build_model
+    from megatron_meml.training.trainer import teacher_ahead
+    from megatron.core import parallel_state as ps
+
+    assert teacher_ahead(_algo("paper")) and not teacher_ahead(_algo("clipped_token"))
+    par = init_parallel(1, 1)
+    save_model(build_model(tiny_arch(), tiny_model_config(), par), f"{tmp}/ckpt")
+    ps.destroy_model_parallel()
+    inline, m_inline = _grads(tmp, "paper", 1, 1, 0, 1, mbs=3, ahead=False)
+    ps.destroy_model_parallel()
+    ahead, m_ahead = _grads(tmp, "paper", 1, 1, 0, 1, mbs=3, ahead=True)
+    for name, (g, _) in inline.items():
+        assert g.abs().max() > 0 or name.endswith("bias"), name
+        torch.testing.assert_close(ahead[name][0], g, atol=TOL, rtol=0, msg=lambda m: f"{name}: {m}")
+    assert m_inline["train/mutual_active_pairs"] == 2.0
+    for key in ("train/loss", "train/pg_loss", "train/mutual_kl", "train/sft_nll", "train/mutual_active_pairs"):
+        assert abs(m_ahead[key] - m_inline[key]) <= TOL, (key, m_ahead[key], m_inline[key])
+
+
+def test_teachers_scored_ahead_match_in_batch_teachers(tmp_path):
+    run_distributed(_teachers_ahead, 1, str(tmp_path), megatron=True)
+
+
+def _empty_step(rank, world, tmp):
+    """A batch that scores nothing on any DP rank runs no forward, backward or AdamW update (AdamW on a zero
+    gradient would still move the weights along its momentum): weights unchanged after a real step built momentum."""
+    from megatron_meml.batching import to_train_batch
+    from megatron_meml.model.provider import unwrap
+    from megatron_meml.training.config import TrainConfig
+    from megatron_meml.training.setup import setup_training
+    from megatron_meml.training.forward_step import GRPO
+    from megatron_meml.training.trainer import Trainer
+
+    par = init_parallel(1, 1)
+    state = setup_training(tiny_arch(), tiny_model_config(), par, TrainConfig(grad_clip=0.0), lr=1e-2)
+    trainer = Trainer(state, _algo("paper"), micro_batch_size=4, pad_id=PAD)
+    assert trainer.train_step(mixed_batch("paper"))["train/empty_step"] == 0.0
+    before = {n: p.detach().clone() for n, p in unwrap(state.model[0]).named_parameters()}
+    mine = mixed_batch("paper") if rank == 0 else to_train_batch([], PAD)
+    if rank == 0:  # rows, none scored (a pair would count: pairs are counted by student rows)
+        mine.loss_mask.zero_()
+        mine.row_kind.fill_(GRPO)
+    metrics = trainer.train_step(mine)
+    assert metrics["train/empty_step"] == 1.0 and metrics["train/update_skipped"] == 1.0
+    for n, p in unwrap(state.model[0]).named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def test_empty_step_changes_nothing_dp2(tmp_path):
+    run_distributed(_empty_step, 2, str(tmp_path), megatron=True)

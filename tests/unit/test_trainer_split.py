@@ -54,3 +54,25 @@ def test_split_batch_shapes_padding_partner_and_trim():
     assert [m.tokens.shape[1] for m in trimmed] == [7, 10]  # rows 0,1,3 scored up to 5; rows 2,4 up to 8
     torch.testing.assert_close(trimmed[0].loss_mask, micro[0].loss_mask[:, :7])
     assert micro[0].loss_mask[:, 7:].sum() == 0  # nothing scored was cut
+    rows_only, _ = split_batch(b, 3, pad_id=0, trim_multiple=1, trim_rows=True)
+    assert [tuple(m.tokens.shape) for m in rows_only] == [(3, 7), (2, 10)]  # no padding rows without PP
+    torch.testing.assert_close(rows_only[1].loss_mask, micro[1].loss_mask[:2])
+    assert rows_only[0].partner.tolist() == [-1, 2, -1]
+
+
+def test_students_without_teachers_when_teachers_were_scored_ahead():
+    b = _batch()
+    rest = [0, 1, 2, 4]  # the TEACHER row (3) scored ahead and dropped
+    kept = TrainBatch(tokens=b.tokens[rest], loss_mask=b.loss_mask[rest], row_kind=b.row_kind[rest],
+                      advantages=b.advantages[rest], pair_id=b.pair_id[rest])
+    with pytest.raises(ValueError, match="student without a teacher"):
+        pack_rows(kept.row_kind, kept.pair_id, 3)
+    assert pack_rows(kept.row_kind, kept.pair_id, 1, pairs_together=False) == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="TEACHER rows"):
+        pack_rows(b.row_kind, b.pair_id, 3, pairs_together=False)
+    seq = torch.tensor([0.0, -2.5, 0.0, 0.0])
+    micro, groups = split_batch(kept, 3, pad_id=0, teacher_seq=seq)
+    assert groups == [[0, 1, 2], [3]]
+    assert micro[0].partner.tolist() == [-1, -1, -1] and micro[0].teacher_seq.tolist() == [0.0, -2.5, 0.0]
+    assert micro[1].teacher_seq.tolist() == [0.0, 0.0, 0.0]  # padding rows
+    assert split_batch(b, 3, pad_id=0)[0][0].teacher_seq is None  # teachers in the batch: none scored ahead
