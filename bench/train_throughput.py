@@ -32,6 +32,13 @@ or --peak-tflops; not reported on CPU unless --peak-tflops is given.
 Usage:
   python bench/train_throughput.py                       # CPU: tiny shape, a b c, one thread per process
   python bench/train_throughput.py --shapes qwen2.5-1.5b,qwen2.5-0.5b --variants a,c,b,c16 --out results.json
+  python bench/train_throughput.py --real-model /tmp/smol --threads 2 --steps 1 --repeats 1
+                                                         # CPU real-model row: ar vs cr on SmolLM2-135M, bf16
+  ar    megatron_meml's GRPO train step on the real model (pretrained weights, recipes/smollm2-wordmath.yaml:
+        bf16, paper_pg) on --real-rows rows of 40..300 tokens (what RIEL rollouts produce).
+  cr    HF transformers on the same rows as its Trainer runs them: fp32 weights under bf16 autocast, sdpa,
+        batches of 8 padded to their longest, fused AdamW. Prints `cpu real-model train ratio N` (ar / cr tokens
+        per second) and each side's GFLOP/s against the bf16 matmul peak measured in the same process.
 On CPU, Megatron needs the CPU shim: megatron_meml.model.cpu_compat (tests.megatron_cpu in older trees); it is
 never installed when CUDA is available.
 """
@@ -51,7 +58,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_H200_BF16_TFLOPS = 989.0
 VARIANTS = {"a": "meml-sdpa-grpo", "ah": "meml-sdpa-grpo-hid", "b": "mcore-local-lm", "c": "hf-sdpa-lm",
-            "c16": "hf-sdpa-lm-bf16w"}
+            "c16": "hf-sdpa-lm-bf16w", "ar": "meml-real-grpo", "cr": "hf-real-autocast"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,11 +81,13 @@ class Shape:
     """SwiGLU intermediate size."""
     tie_embeddings: bool
     """Input embedding shared with the LM head."""
+    qkv_bias: bool = True
+    """q, k, v projections carry a bias (Qwen2: yes; Llama: no)."""
 
     def params(self) -> dict[str, int]:
         """Parameter counts: 'embedding' (input), 'body' (layers + final norm), 'head' (untied LM head, else 0)."""
         h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attn = h * q + 2 * h * kv + (q + 2 * kv) + q * h  # q, k, v (+ qwen2 qkv bias), o
+        attn = h * q + 2 * h * kv + (q + 2 * kv) * self.qkv_bias + q * h  # q, k, v (+ qwen2 qkv bias), o
         layer = attn + 3 * h * self.ffn_hidden_size + 2 * h
         emb = self.vocab_size * h
         return {"embedding": emb, "body": self.num_layers * layer + h, "head": 0 if self.tie_embeddings else emb}
@@ -96,6 +105,8 @@ SHAPES = {
                   head_dim=64, ffn_hidden_size=704, tie_embeddings=True),
     "qwen2.5-0.5b": Shape(vocab_size=151936, hidden_size=896, num_layers=24, num_attention_heads=14,
                           num_kv_heads=2, head_dim=64, ffn_hidden_size=4864, tie_embeddings=True),
+    "smollm2-135m": Shape(vocab_size=49152, hidden_size=576, num_layers=30, num_attention_heads=9, num_kv_heads=3,
+                          head_dim=64, ffn_hidden_size=1536, tie_embeddings=True, qkv_bias=False),
     "qwen2.5-1.5b": Shape(vocab_size=151936, hidden_size=1536, num_layers=28, num_attention_heads=12,
                           num_kv_heads=2, head_dim=128, ffn_hidden_size=8960, tie_embeddings=True),
 }
@@ -228,7 +239,8 @@ def _megatron_step_fn(variant: str, shape: Shape, args):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_meml.training.setup import param_count, unwrap, zero_grads
+    from megatron_meml.model.provider import unwrap
+    from megatron_meml.training.setup import param_count, zero_grads
 
     if variant == "a":
         return _trainer_step_fn(shape, args)
@@ -321,6 +333,161 @@ def run_child(variant: str, shape_name: str, args) -> dict:
             "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
 
 
+# ------------------------------------------------------------------------------- CPU real-model row (ar vs cr)
+
+
+def _real_rows(args) -> list[tuple[list[int], int]]:
+    """--real-rows (token ids, prompt length) rows, totals uniform in [40, 300] tokens as in RIEL rollouts on the
+    real model (a 20-48-token prompt, responses from a few tokens to ~250); fixed seed, so both sides get the same."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(args.real_rows):
+        n = rng.randint(40, 300)
+        rows.append(([rng.randrange(100, 49000) for _ in range(n)], min(rng.randint(20, 48), n - 4)))
+    return rows
+
+
+def _real_meml_step_fn(args, rows):
+    """(ar): megatron_meml's GRPO step as ``meml train`` runs it on the real model: the smollm2-wordmath recipe
+    (bf16 params + fp32 main params, paper_pg loss with rollout log-probs, micro_batch_size 8), rows through
+    batching.to_train_batch (sorted by length) and Trainer.train_step (each micro-batch trimmed to its rows)."""
+    from pathlib import Path
+
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_meml.batching import Row, to_train_batch
+    from megatron_meml.config import load_config
+    from megatron_meml.model.arch import arch_from_model_config
+    from megatron_meml.model.cpu_compat import install_cpu_shim
+    from megatron_meml.parallel import init_distributed
+    from megatron_meml.run import load_hf_weights
+    from megatron_meml.training.setup import param_count, setup_training
+    from megatron_meml.training.trainer import Trainer
+
+    cfg = load_config(os.path.join(ROOT, "recipes", "smollm2-wordmath.yaml"), [f"model.hf_path={args.real_model}"])
+    install_cpu_shim()
+    init_distributed(cfg.parallel)
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    arch = arch_from_model_config(cfg.model)
+    state = setup_training(arch, cfg.model, cfg.parallel, cfg.train, lr=cfg.train.lr)
+    load_hf_weights(Path(args.real_model), state.model, arch)
+    state.optimizer.reload_model_params()
+    trainer = Trainer(state, cfg.algo, micro_batch_size=cfg.train.micro_batch_size, pad_id=0)
+    batch_rows = []
+    for i, (toks, p) in enumerate(rows):
+        scored = [1.0 if p - 1 <= t < len(toks) - 1 else 0.0 for t in range(len(toks))]
+        batch_rows.append(Row(tokens=toks, loss_mask=scored, kind=0, advantage=0.25 + 0.5 * (i % 3),
+                              rollout_logprobs=[-1.5 * m for m in scored]))
+    batch = to_train_batch(batch_rows, 0)
+
+    def step() -> None:
+        if trainer.train_step(batch)["train/update_skipped"]:
+            raise RuntimeError("the train step was skipped")
+
+    return step, param_count(state.model)
+
+
+def _real_hf_step_fn(args, rows):
+    """(cr): HF transformers as its Trainer runs by default: fp32 weights under bf16 autocast, sdpa, batches of 8
+    rows in data order each right-padded to its longest (with attention mask), labels -100 on prompt and padding,
+    torch AdamW fused (the Trainer's default optimizer with torch >= 2.8), grad clip 1.0."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.real_model, attn_implementation="sdpa", dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
+    batches = []
+    for i in range(0, len(rows), 8):
+        part = rows[i:i + 8]
+        t = max(len(toks) for toks, _ in part)
+        ids, att = torch.zeros(len(part), t, dtype=torch.long), torch.zeros(len(part), t, dtype=torch.long)
+        labels = torch.full((len(part), t), -100, dtype=torch.long)
+        for j, (toks, p) in enumerate(part):
+            ids[j, :len(toks)], att[j, :len(toks)] = torch.tensor(toks), 1
+            labels[j, p:len(toks)] = torch.tensor(toks[p:])
+        batches.append((ids, att, labels))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        for ids, att, labels in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, attention_mask=att, labels=labels).loss / len(batches)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def _bf16_matmul_gflops(n: int = 2048, reps: int = 3) -> float:
+    """This process's bf16 matmul rate now (best of ``reps`` n^3 products at the set thread count)."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def run_real_child(variant: str, args) -> dict:
+    """One side of the real-model row: build, warm up, time; the bf16 matmul peak is measured in this process
+    before and after the timed steps (the higher is kept), so it sees the same machine load."""
+    torch.set_num_threads(args.threads)
+    rows = _real_rows(args)
+    step, n_params = (_real_meml_step_fn if variant == "ar" else _real_hf_step_fn)(args, rows)
+    for _ in range(args.warmup):
+        step()
+    peak = _bf16_matmul_gflops()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    wall = (time.perf_counter() - t0) / args.steps
+    peak = max(peak, _bf16_matmul_gflops())
+    shape = SHAPES["smollm2-135m"]
+    tokens = sum(len(toks) for toks, _ in rows)
+    flops = sum(len(toks) * shape.flops_per_token(len(toks)) for toks, _ in rows)  # real tokens only, no padding
+    return {"variant": variant, "name": VARIANTS[variant], "shape": "smollm2-135m", "tokens_per_s": tokens / wall,
+            "step_s": wall, "tokens": tokens, "gflops": flops / wall / 1e9, "peak_gflops": peak, "params": n_params,
+            "peak_mib": _peak_rss_mib(), "peak_kind": "rss_hwm", "device": "cpu", "torch": torch.__version__}
+
+
+def _real_report(rows: dict, args) -> list[str]:
+    lines = [f"cpu real-model row: {args.real_model}, {args.real_rows} GRPO rows of 40..300 tokens, "
+             f"{args.threads} thread(s), {args.steps} timed step(s) after {args.warmup} warm-up, best of "
+             f"{args.repeats}; GFLOP/s = (6*N + 12*L*heads*head_dim*len) per real token (padding not counted)"]
+    for v in ("ar", "cr"):
+        r = rows.get(v, {"error": "not run"})
+        if "error" in r:
+            lines.append(f"  {v} {VARIANTS[v]:18} {r['error']}")
+            continue
+        lines.append(f"  {v} {r['name']:18} {r['tokens_per_s']:8.1f} tok/s  {r['step_s']:7.2f} s/step  "
+                     f"{r['gflops']:6.1f} GFLOP/s = {r['gflops'] / r['peak_gflops']:5.1%} of the bf16 matmul peak "
+                     f"{r['peak_gflops']:.0f} GFLOP/s (same process)  peak RSS {r['peak_mib']:.0f} MiB")
+    if "error" not in rows.get("ar", {"error": 1}) and "error" not in rows.get("cr", {"error": 1}):
+        lines.append(f"cpu real-model train ratio {rows['ar']['tokens_per_s'] / rows['cr']['tokens_per_s']:.3f}")
+    return lines
+
+
+def run_real(args) -> list[str]:
+    """Parent side of the real-model row: ar and cr interleaved in fresh subprocesses, the best round of each."""
+    start, best = time.monotonic(), {}
+    for rnd in range(args.repeats):
+        for v in ("ar", "cr"):
+            left = args.budget_s - (time.monotonic() - start)
+            row = ({"variant": v, "error": "skipped: --budget-s spent"} if left <= 0
+                   else _spawn(v, "smollm2-135m", args, min(args.child_timeout_s, left)))
+            if v not in best or "error" in best[v] or row.get("tokens_per_s", 0) > best[v].get("tokens_per_s", 0):
+                best[v] = row
+            done = row["error"] if "error" in row else f"{row['tokens_per_s']:.1f} tokens/s"
+            print(f"[{time.monotonic() - start:6.1f}s] round {rnd + 1} real-model {v}: {done}", flush=True)
+    return _real_report(best, args)
+
+
 # ---------------------------------------------------------------------------------------------- parent side
 
 
@@ -328,6 +495,8 @@ def _spawn(variant: str, shape: str, args, timeout_s: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--shapes", shape, "--seq", str(args.seq),
            "--micro-batch", str(args.micro_batch), "--micro-batches", str(args.micro_batches),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.real_model:
+        cmd += ["--real-model", args.real_model, "--real-rows", str(args.real_rows)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
@@ -404,6 +573,9 @@ def _parse(argv=None):
     p.add_argument("--budget-s", type=float, default=1e9, help="skip variants that would start after this")
     p.add_argument("--child-timeout-s", type=float, default=600, help="per-variant subprocess limit")
     p.add_argument("--out", default=None, help="write rows + report lines as JSON here")
+    p.add_argument("--real-model", default=None, help="HF dir of SmolLM2-135M(-Instruct): run only the CPU "
+                                                          "real-model row (ar vs cr, bf16) and its ratio")
+    p.add_argument("--real-rows", type=int, default=64, help="rows of the real-model row")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -425,7 +597,16 @@ def _parse(argv=None):
 def main(argv=None) -> None:
     args = _parse(argv)
     if args.child:
-        print("RESULT " + json.dumps(run_child(args.child, args.shapes, args)), flush=True)
+        real = args.child in ("ar", "cr")
+        row = run_real_child(args.child, args) if real else run_child(args.child, args.shapes, args)
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+    if args.real_model:
+        lines = run_real(args)
+        print("\n".join(lines))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"report": lines, "args": vars(args)}, f, indent=2)
         return
     start, best = time.monotonic(), {}
     for rnd in range(args.repeats):  # rounds interleave the variants; the best round of each is kept
