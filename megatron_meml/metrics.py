@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_meml.atomic_file import atomic_write
 from megatron_meml.metrics_config import LoggingConfig
 
 STAGES = ("sft", "train", "eval")
@@ -202,18 +203,7 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
 
 
 def _rewrite_atomic(path: Path, records: Sequence[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, "".join(json.dumps(rec) + "\n" for rec in records).encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------------ progress

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from megatron_meml.atomic_file import atomic_write
 from megatron_meml.evaluate import GreedyResult
 from megatron_meml.metrics import SAMPLES_FILE, read_jsonl
 from megatron_meml.rewards import answer_in_format, score
@@ -190,13 +190,8 @@ def eval_file(run_dir: Path | str, step: int) -> Path:
 def write_eval_problems(path: Path, rows: Sequence[EvalProblem]) -> Path:
     """Write ``rows`` to ``path`` atomically (an evaluation at the same step again replaces the file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(dataclasses.asdict(r), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(dataclasses.asdict(r), ensure_ascii=False) + "\n"
+                               for r in rows).encode("utf-8"))
     return path
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from megatron_meml.atomic_file import atomic_write
 from megatron_meml.rewards.score import STATUSES
 from megatron_meml.run import RunError
 
@@ -182,17 +183,7 @@ def _append(path: Path, rows: Iterable[dict]) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so a crash leaves either the old or the new file, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, text.encode("utf-8"))
 
 
 def _short(value: Any) -> str:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_meml.atomic_file import atomic_write
+from megatron_meml.atomic_file import fsync_dir as _fsync_dir
 from megatron_meml.hard_examples.example import HardExample
 
 MANIFEST = "MANIFEST.json"
@@ -49,25 +50,6 @@ class ShardInfo:
 
 def shard_name(generation: int, rank: int) -> str:
     return f"gen-{generation:08d}.rank-{rank:05d}.jsonl"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old file or all of the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def encode_rows(examples: list[HardExample]) -> bytes:

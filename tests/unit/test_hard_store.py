@@ -251,7 +251,7 @@ def test_failure_at_every_step_of_a_commit_leaves_old_or_new(tmp_path, monkeypat
             return real[_name](*args)
 
         for name in real:
-            monkeypatch.setattr(persist.os, name, lambda *a, _n=name: failing(*a, _name=_n))
+            monkeypatch.setattr(os, name, lambda *a, _n=name: failing(*a, _name=_n))
         try:
             s.commit(directory)
             finished = True
