@@ -3,13 +3,14 @@ GSM8K training file, 2 RIEL steps through `meml train`, asserting metric invaria
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.invariants import check_step, train_rows
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,22 +58,10 @@ def test_gsm8k_recipe_two_steps(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "weights from hf:" in proc.stderr + proc.stdout  # the HF -> Megatron load path ran
     rows = [json.loads(x) for x in (tmp_path / "gsm8k" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    train = [r for r in rows if r["stage"] == "train"]
-    assert [r["step"] for r in train] == [1, 2]
+    train = train_rows(tmp_path / "gsm8k", 2)
     for r in train:
-        assert r["rollout/num_samples"] == 2 * 3 * 4
-        for k, v in r.items():
-            if isinstance(v, float):
-                assert math.isfinite(v), (k, v)
-        assert 0.0 <= r["reward/mean"] <= 1.0
-        for eid in ("expert0", "expert1", "expert2"):
-            assert 0.0 <= r[f"expert/{eid}/reward_mean"] <= 1.0
+        check_step(r, samples=2 * 3 * 4, experts=("expert0", "expert1", "expert2"), capacity=4)
         assert r["train/mismatch_abs"] < 1e-3, r["train/mismatch_abs"]  # vLLM vs Megatron, fp32
-        assert r["hard/size"] <= 4
-        # the store holds exactly what was admitted minus what retired
-        retired = r["hard/retired_solved_total"] + r["hard/retired_max_replays_total"]
-        assert r["hard/size"] == r["hard/admissions_total"] - retired
-        assert sum(v for k, v in r.items() if k.startswith("hard/expert/") and k.endswith("/size")) == r["hard/size"]
     assert train[-1]["hard/admissions_total"] > 0  # every random-model group is hard: the store was exercised
     assert (tmp_path / "gsm8k" / "final_model").is_dir()
     _check_what_the_model_wrote(tmp_path / "gsm8k", train, [r for r in rows if r["stage"] == "eval"])

@@ -4,13 +4,13 @@ hard-example store, then a held-out evaluation; asserts metric invariants."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.e2e.invariants import check_step, train_rows
 from tests.real_model import ROOT, real_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -30,21 +30,12 @@ def test_real_model_two_riel_steps(tmp_path):
     assert f"weights from hf:{model}" in proc.stderr + proc.stdout
     run = tmp_path / "real"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    train = [r for r in rows if r["stage"] == "train"]
-    assert [r["step"] for r in train] == [1, 2]
-    for r in train:
-        assert r["rollout/num_samples"] == 2 * 3 * 4
-        for k, v in r.items():
-            if isinstance(v, float):
-                assert math.isfinite(v), (k, v)
-        assert 0.0 <= r["reward/mean"] <= 1.0
+    for r in train_rows(run, 2):
+        check_step(r, samples=2 * 3 * 4, experts=("expert0", "expert1", "expert2"), capacity=2)
         assert 1.0 <= r["rollout/mean_length"] <= 48.0
-        for eid in ("expert0", "expert1", "expert2"):
-            assert 0.0 <= r[f"expert/{eid}/reward_mean"] <= 1.0
-        # bf16 trainer vs bf16 engine on a real 30-layer model: bounded, not equal (measured ~0.03)
+        # bf16 trainer vs bf16 engine on a real 30-layer model: bounded, not equal
         if "train/mismatch_abs" in r:
             assert r["train/mismatch_abs"] < 0.2, r["train/mismatch_abs"]
-        assert r["hard/size"] <= 2
     evals = [r for r in rows if r["stage"] == "eval"]
     assert evals and evals[-1]["eval/num_problems"] == 6.0
     for eid in ("expert0", "expert1", "expert2", "best_expert"):
