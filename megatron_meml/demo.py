@@ -28,7 +28,6 @@ def run_demo(recipe_dir: Optional[str], overrides: list[str], default: str = "to
         return 2
     mef_dir = Path(mef_cfg.output_dir) / mef_cfg.run_name
     run_dir = Path(riel_cfg.output_dir) / riel_cfg.run_name
-    mef_model = mef_dir / "final_model"
     t0 = time.perf_counter()
     # vLLM's per-request INFO lines would bury the progress lines; a user's own VLLM_LOGGING_LEVEL wins.
     env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
@@ -66,9 +65,9 @@ def _stages(d, mef: Path, riel: Path, overrides: list[str], mef_dir: Path, riel_
         f"{riel_name}-base"
     yield "stage 1 (MEF SFT)", lambda: ["sft", str(mef), *overrides, "eval.max_problems=0",
                                         *trace_overrides(mef_dir / "traces")]
-    yield "MEF model on the held-out problems", ["eval", str(riel), *overrides, f"run_name={riel_name}-mef",
+    yield "MEF model on the held-out problems", ["eval", str(riel), *overrides, f"run_name={riel_name}-mef-eval",
                                                  "--checkpoint", str(mef_model)]
-    evals["after MEF"] = evals["base model"].parent / f"{riel_name}-mef"
+    evals["after MEF"] = evals["base model"].parent / f"{riel_name}-mef-eval"
     yield "stage 2 (RIEL)", ["train", str(riel), f"model.megatron_path={mef_model}", *overrides]
 
 

@@ -17,10 +17,13 @@ level what                                                  numbers
 ===== ===================================================== =================================
 
 The levels' difficulty for SmolLM2-135M-Instruct is measured in docs/real_model.md (``bench/wordmath_levels.py``).
-Everything is a pure function of (levels, weights, size, seed, split); question texts are unique within a split.
+Everything is a pure function of (levels, weights, size, seed, split); question texts are unique within a split, and
+ids (``wordmath/<split>/<index>-<hash of the question>``) name the text, not only the position.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import random
 from typing import Callable, Sequence
 
@@ -115,6 +118,12 @@ LEVELS: dict[int, Callable[[random.Random], tuple[str, str, int]]] = {
 STEPS = {1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2, 7: 3}
 
 
+def _text_id(question: str) -> str:
+    """8 hex digits of the question's hash: ids name the text, so a trace or store file written for another level
+    mix or seed never joins to a different question that happens to share its position."""
+    return hashlib.sha256(question.encode()).hexdigest()[:8]
+
+
 def make_problem(level: int, rng: random.Random, pid: str) -> Problem:
     """One problem of ``level`` drawn from ``rng``."""
     if level not in LEVELS:
@@ -139,6 +148,7 @@ def generate_problems(levels: Sequence[int], weights: Sequence[float], size: int
         for _ in range(_MAX_TRIES):
             p = make_problem(lvl, rng, f"wordmath/{split}/{i}")
             if p.question not in seen:
+                p = dataclasses.replace(p, id=f"{p.id}-{_text_id(p.question)}")
                 break
         else:
             raise ValueError(f"wordmath level {lvl}: could not draw a new distinct question after {_MAX_TRIES} "

@@ -78,6 +78,16 @@ def test_splits_disjoint_and_sized():
     assert load_problems("wordmath", config=cfg, seed=1)[0].source == "wordmath"
 
 
+def test_ids_name_the_question():
+    """The same position under another level mix is another question, and so another id (a trace file written for
+    one mix must not join to the other's problems)."""
+    a = generate_problems([1, 2], [1.0, 1.0], 50, seed=0)
+    b = generate_problems([3, 4], [1.0, 1.0], 50, seed=0)
+    assert all(p.id.startswith(f"wordmath/train/{i}-") for i, p in enumerate(a))
+    assert not {p.id for p in a} & {p.id for p in b}
+    assert [p.id for p in a] == [p.id for p in generate_problems([1, 2], [1.0, 1.0], 50, seed=0)]
+
+
 def test_bad_levels_and_exhaustion():
     with pytest.raises(ValueError, match="1..7, got \\[9\\]"):
         generate_problems([9], [1.0], 10, seed=0)
