@@ -32,7 +32,7 @@ def run_demo(recipe_dir: Optional[str], overrides: list[str], default: str = "to
     # vLLM's per-request INFO lines would bury the progress lines; a user's own VLLM_LOGGING_LEVEL wins.
     env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     evals = {}
-    for name, argv in _stages(d, mef, riel, overrides, mef_dir, riel_cfg.run_name, evals):
+    for name, argv in _stages(d, mef, riel, overrides, mef_dir, run_dir, evals):
         argv = argv() if callable(argv) else argv
         print(f"[demo] {name}: meml {' '.join(argv)}", flush=True)
         t_stage = time.perf_counter()
@@ -52,22 +52,22 @@ def run_demo(recipe_dir: Optional[str], overrides: list[str], default: str = "to
     return 0
 
 
-def _stages(d, mef: Path, riel: Path, overrides: list[str], mef_dir: Path, riel_name: str, evals: dict):
-    """(name, argv or a callable giving argv once the earlier stages ran) for each stage of default ``d``."""
-    mef_model = mef_dir / "final_model"
+def _stages(d, mef: Path, riel: Path, overrides: list[str], mef_dir: Path, run_dir: Path, evals: dict):
+    """(name, argv or a callable giving argv once the earlier stages ran) for each stage of default ``d``; the
+    evaluation run dirs go into ``evals`` (label -> run dir) as their stages come up."""
+    mef_model, riel_name = mef_dir / "final_model", run_dir.name
     if not d.traces:
         yield "stage 1 (MEF SFT)", ["sft", str(mef), *overrides]
         yield "stage 2 (RIEL)", ["train", str(riel), f"model.megatron_path={mef_model}", *overrides]
         return
     yield "teacher traces", ["traces", str(mef), *overrides]
     yield "base model on the held-out problems", ["eval", str(riel), *overrides, f"run_name={riel_name}-base"]
-    evals["base model"] = Path(load_config(riel, [*overrides, f"run_name={riel_name}-base"]).output_dir) / \
-        f"{riel_name}-base"
+    evals["base model"] = run_dir.parent / f"{riel_name}-base"
     yield "stage 1 (MEF SFT)", lambda: ["sft", str(mef), *overrides, "eval.max_problems=0",
                                         *trace_overrides(mef_dir / "traces")]
     yield "MEF model on the held-out problems", ["eval", str(riel), *overrides, f"run_name={riel_name}-mef-eval",
                                                  "--checkpoint", str(mef_model)]
-    evals["after MEF"] = evals["base model"].parent / f"{riel_name}-mef-eval"
+    evals["after MEF"] = run_dir.parent / f"{riel_name}-mef-eval"
     yield "stage 2 (RIEL)", ["train", str(riel), f"model.megatron_path={mef_model}", *overrides]
 
 
