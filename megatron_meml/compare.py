@@ -136,9 +136,11 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     expert0 = base.experts.ids[0]
     rows = []
     t0 = time.perf_counter()
-    traces = _traces(mef, overrides, root, recipes) if d.traces else []
+    # traces are data drawn once for one set of train problems: such defaults fix the problems over the seeds
+    pinned = [f"data.seed={base.seed if base.data.seed is None else base.data.seed}"] if d.traces else []
+    traces = _traces(mef, [*overrides, *pinned], root, recipes) if d.traces else []
     for seed in seeds:
-        common = [*overrides, f"seed={seed}", f"output_dir={root}", "logging.progress=off"]
+        common = [*overrides, *pinned, f"seed={seed}", f"output_dir={root}", "logging.progress=off"]
         for variant, extra in sft_runs.items():
             name = f"{variant}-s{seed}"
             _meml(["sft", str(mef), *common, f"run_name={name}", "eval.max_problems=0", *traces, *extra],

@@ -97,7 +97,7 @@ def build_experts(cfg: MemlConfig) -> ExpertSet:
 def load_data(cfg: MemlConfig) -> tuple[list[Problem], list[Problem]]:
     from megatron_meml.data.loaders import load_splits
 
-    train, held_out = load_splits(cfg.data, cfg.seed)
+    train, held_out = load_splits(cfg.data, cfg.seed if cfg.data.seed is None else cfg.data.seed)
     if not train:
         raise RunError(f"no training problems loaded from data.source={cfg.data.source} path={cfg.data.path}")
     return train, held_out

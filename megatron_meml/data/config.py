@@ -29,6 +29,10 @@ class DataConfig:
     max_problems: Optional[int] = None
     """Cap on loaded train problems (after the split)."""
     skip_bad_rows: bool = False
+    seed: Optional[int] = None
+    """Seed of the held-out split and of generated problems (synthetic, wordmath); null: the global ``seed``.
+    Pin it to vary the training seed on fixed problems: `meml compare` does for the defaults whose MEF needs
+    teacher traces, which are drawn once for one set of train problems."""
     """Count, log and skip invalid rows instead of raising."""
     synthetic_levels: List[int] = field(default_factory=lambda: [1, 2, 3])
     """Synthetic and wordmath: difficulty levels in the mixture (synthetic: operand digits; wordmath: the level

@@ -49,3 +49,38 @@ def test_final_eval_columns(tmp_path):
     assert _final_eval(tmp_path, "a") == {"acc_expert0": 0.2, "acc_best_expert": 0.5, "acc_reward_best": 0.3}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(ev))  # an SFT row: no training reward, no column
     assert _final_eval(tmp_path, "a") == {"acc_expert0": 0.2, "acc_best_expert": 0.5}
+
+
+def test_traces_default_pins_the_problems_over_seeds(tmp_path, monkeypatch):
+    """The smollm2 default draws teacher traces once, for one set of train problems: every command of every seed
+    must then name the same data.seed (else seeds 2, 3 get wordmath problems the trace ids never join to), while
+    the toy keeps varying its problems with the seed."""
+    import megatron_meml.compare as compare
+    import megatron_meml.defaults as defaults
+
+    calls = []
+    monkeypatch.setattr(compare, "_meml", lambda argv, log, recipes: calls.append(argv))
+    monkeypatch.setattr(compare, "_final_eval", lambda run_dir, e0: {"acc_expert0": 0.0, "acc_best_expert": 0.0})
+    monkeypatch.setattr(defaults, "trace_overrides", lambda d: ["experts.teacher_traces.expert1=t.jsonl"])
+    monkeypatch.setattr("megatron_meml.report.write_compare_table", lambda rows, root: None)
+    assert run_compare(None, [], [1, 2], str(tmp_path / "real"), only=["MEML-GRPO"], default="smollm2") == 0
+    assert [a[0] for a in calls] == ["traces", "sft", "eval", "train", "sft", "eval", "train"]
+    assert all("data.seed=1234" in a for a in calls)
+    assert {a for argv in calls[1:] for a in argv if a.startswith("seed=")} == {"seed=1", "seed=2"}
+    calls.clear()
+    assert run_compare(None, [], [1], str(tmp_path / "toy"), only=["MEML-GRPO"]) == 0
+    assert calls and not any(a.startswith("data.seed=") for argv in calls for a in argv)
+
+
+def test_data_seed_fixes_the_problems_not_the_run():
+    from megatron_meml.defaults import RECIPES
+    from megatron_meml.run import load_data
+
+    def ids(*over):
+        cfg = load_config(RECIPES / "smollm2-wordmath.yaml", list(over))
+        train, val = load_data(cfg)
+        return [p.id for p in train[:50]], [p.id for p in val]
+
+    assert ids("seed=1", "data.seed=7") == ids("seed=2", "data.seed=7")
+    assert ids("seed=1") != ids("seed=2")
+    assert ids("seed=7") == ids("seed=1", "data.seed=7")
