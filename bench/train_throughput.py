@@ -36,9 +36,11 @@ Usage:
                                                          # CPU real-model row: ar vs cr on SmolLM2-135M, bf16
   ar    megatron_meml's GRPO train step on the real model (pretrained weights, recipes/smollm2-wordmath.yaml:
         bf16, paper_pg) on --real-rows rows of 40..300 tokens (what RIEL rollouts produce).
+  arp   as ar with the rows packed padding-free (train.max_tokens_per_micro_batch=--pack-tokens, THD layout).
   cr    HF transformers on the same rows as its Trainer runs them: fp32 weights under bf16 autocast, sdpa,
-        batches of 8 padded to their longest, fused AdamW. Prints `cpu real-model train ratio N` (ar / cr tokens
-        per second) and each side's GFLOP/s against the bf16 matmul peak measured in the same process.
+        batches of 8 padded to their longest, fused AdamW. Prints `cpu real-model train ratio N` (arp / cr tokens
+        per second), `packed/padded train ratio N` (arp / ar) and each side's GFLOP/s against the bf16 matmul
+        peak measured in the same process.
 On CPU, Megatron needs the CPU shim: megatron_meml.model.cpu_compat (tests.megatron_cpu in older trees); it is
 never installed when CUDA is available.
 """
@@ -58,7 +60,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_H200_BF16_TFLOPS = 989.0
 VARIANTS = {"a": "meml-sdpa-grpo", "ah": "meml-sdpa-grpo-hid", "b": "mcore-local-lm", "c": "hf-sdpa-lm",
-            "c16": "hf-sdpa-lm-bf16w", "ar": "meml-real-grpo", "cr": "hf-real-autocast"}
+            "c16": "hf-sdpa-lm-bf16w", "ar": "meml-real-grpo", "arp": "meml-real-grpo-packed",
+            "cr": "hf-real-autocast"}
+REAL = ("ar", "arp", "cr")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -349,7 +353,7 @@ def _real_rows(args) -> list[tuple[list[int], int]]:
     return rows
 
 
-def _real_meml_step_fn(args, rows):
+def _real_meml_step_fn(args, rows, packed: bool = False):
     """(ar): megatron_meml's GRPO step as ``meml train`` runs it on the real model: the smollm2-wordmath recipe
     (bf16 params + fp32 main params, paper_pg loss with rollout log-probs, micro_batch_size 8), rows through
     batching.to_train_batch (sorted by length) and Trainer.train_step (each micro-batch trimmed to its rows)."""
@@ -366,7 +370,9 @@ def _real_meml_step_fn(args, rows):
     from megatron_meml.training.setup import param_count, setup_training
     from megatron_meml.training.trainer import Trainer
 
-    cfg = load_config(os.path.join(ROOT, "recipes", "smollm2-wordmath.yaml"), [f"model.hf_path={args.real_model}"])
+    pack = [f"train.max_tokens_per_micro_batch={args.pack_tokens}"] if packed else []
+    cfg = load_config(os.path.join(ROOT, "recipes", "smollm2-wordmath.yaml"), [f"model.hf_path={args.real_model}",
+                                                                              *pack])
     install_cpu_shim()
     init_distributed(cfg.parallel)
     torch.manual_seed(0)
@@ -375,7 +381,8 @@ def _real_meml_step_fn(args, rows):
     state = setup_training(arch, cfg.model, cfg.parallel, cfg.train, lr=cfg.train.lr)
     load_hf_weights(Path(args.real_model), state.model, arch)
     state.optimizer.reload_model_params()
-    trainer = Trainer(state, cfg.algo, micro_batch_size=cfg.train.micro_batch_size, pad_id=0)
+    trainer = Trainer(state, cfg.algo, micro_batch_size=cfg.train.micro_batch_size, pad_id=0,
+                      max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch)
     batch_rows = []
     for i, (toks, p) in enumerate(rows):
         scored = [1.0 if p - 1 <= t < len(toks) - 1 else 0.0 for t in range(len(toks))]
@@ -439,7 +446,10 @@ def run_real_child(variant: str, args) -> dict:
     before and after the timed steps (the higher is kept), so it sees the same machine load."""
     torch.set_num_threads(args.threads)
     rows = _real_rows(args)
-    step, n_params = (_real_meml_step_fn if variant == "ar" else _real_hf_step_fn)(args, rows)
+    if variant == "cr":
+        step, n_params = _real_hf_step_fn(args, rows)
+    else:
+        step, n_params = _real_meml_step_fn(args, rows, packed=variant == "arp")
     for _ in range(args.warmup):
         step()
     peak = _bf16_matmul_gflops()
@@ -460,7 +470,7 @@ def _real_report(rows: dict, args) -> list[str]:
     lines = [f"cpu real-model row: {args.real_model}, {args.real_rows} GRPO rows of 40..300 tokens, "
              f"{args.threads} thread(s), {args.steps} timed step(s) after {args.warmup} warm-up, best of "
              f"{args.repeats}; GFLOP/s = (6*N + 12*L*heads*head_dim*len) per real token (padding not counted)"]
-    for v in ("ar", "cr"):
+    for v in REAL:
         r = rows.get(v, {"error": "not run"})
         if "error" in r:
             lines.append(f"  {v} {VARIANTS[v]:18} {r['error']}")
@@ -468,8 +478,12 @@ def _real_report(rows: dict, args) -> list[str]:
         lines.append(f"  {v} {r['name']:18} {r['tokens_per_s']:8.1f} tok/s  {r['step_s']:7.2f} s/step  "
                      f"{r['gflops']:6.1f} GFLOP/s = {r['gflops'] / r['peak_gflops']:5.1%} of the bf16 matmul peak "
                      f"{r['peak_gflops']:.0f} GFLOP/s (same process)  peak RSS {r['peak_mib']:.0f} MiB")
-    if "error" not in rows.get("ar", {"error": 1}) and "error" not in rows.get("cr", {"error": 1}):
-        lines.append(f"cpu real-model train ratio {rows['ar']['tokens_per_s'] / rows['cr']['tokens_per_s']:.3f}")
+    ok = {v for v in REAL if "error" not in rows.get(v, {"error": 1})}
+    if {"arp", "cr"} <= ok:
+        lines.append(f"cpu real-model train ratio {rows['arp']['tokens_per_s'] / rows['cr']['tokens_per_s']:.3f}")
+    if {"ar", "arp"} <= ok:
+        lines.append(f"packed/padded train ratio {rows['arp']['tokens_per_s'] / rows['ar']['tokens_per_s']:.3f} "
+                     f"(--pack-tokens {args.pack_tokens})")
     return lines
 
 
@@ -477,7 +491,7 @@ def run_real(args) -> list[str]:
     """Parent side of the real-model row: ar and cr interleaved in fresh subprocesses, the best round of each."""
     start, best = time.monotonic(), {}
     for rnd in range(args.repeats):
-        for v in ("ar", "cr"):
+        for v in args.real_variants.split(","):
             left = args.budget_s - (time.monotonic() - start)
             row = ({"variant": v, "error": "skipped: --budget-s spent"} if left <= 0
                    else _spawn(v, "smollm2-135m", args, min(args.child_timeout_s, left)))
@@ -496,7 +510,8 @@ def _spawn(variant: str, shape: str, args, timeout_s: float) -> dict:
            "--micro-batch", str(args.micro_batch), "--micro-batches", str(args.micro_batches),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if args.real_model:
-        cmd += ["--real-model", args.real_model, "--real-rows", str(args.real_rows)]
+        cmd += ["--real-model", args.real_model, "--real-rows", str(args.real_rows), "--pack-tokens",
+                str(args.pack_tokens)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
@@ -576,6 +591,8 @@ def _parse(argv=None):
     p.add_argument("--real-model", default=None, help="HF dir of SmolLM2-135M(-Instruct): run only the CPU "
                                                           "real-model row (ar vs cr, bf16) and its ratio")
     p.add_argument("--real-rows", type=int, default=64, help="rows of the real-model row")
+    p.add_argument("--pack-tokens", type=int, default=2048, help="arp: train.max_tokens_per_micro_batch")
+    p.add_argument("--real-variants", default=",".join(REAL), help=f"comma list of {list(REAL)} (real-model row)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -588,6 +605,9 @@ def _parse(argv=None):
     for s in args.shapes.split(","):
         if s not in SHAPES:
             p.error(f"--shapes: unknown shape '{s}' (choose from {sorted(SHAPES)})")
+    for v in args.real_variants.split(","):
+        if v not in REAL:
+            p.error(f"--real-variants: unknown variant '{v}' (choose from {list(REAL)})")
     for v in args.variants.split(","):
         if v not in VARIANTS:
             p.error(f"--variants: unknown variant '{v}' (choose from {list(VARIANTS)})")
@@ -597,7 +617,7 @@ def _parse(argv=None):
 def main(argv=None) -> None:
     args = _parse(argv)
     if args.child:
-        real = args.child in ("ar", "cr")
+        real = args.child in REAL
         row = run_real_child(args.child, args) if real else run_child(args.child, args.shapes, args)
         print("RESULT " + json.dumps(row), flush=True)
         return

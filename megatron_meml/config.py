@@ -73,6 +73,11 @@ class MemlConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics sinks and progress output."""
 
+    def __post_init__(self) -> None:
+        if self.train.max_tokens_per_micro_batch > 0 and self.model.layer_spec == "local":
+            raise ValueError("train.max_tokens_per_micro_batch (packed rows) needs model.layer_spec sdpa, te or auto; "
+                             "Megatron's local attention has no packed-sequence path")
+
 
 # ----------------------------------------------------------------------------------------------- key checking
 def _check_keys(data: Any, cls: type, where: str, prefix: str = "") -> None:

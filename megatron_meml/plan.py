@@ -355,6 +355,8 @@ def batch_errors(cfg, dp: int) -> tuple[int, list[str], list[str]]:
     """(micro-batches per RIEL step, errors, warnings) of the batch arithmetic for ``dp`` data-parallel ranks."""
     tr, errors, warnings = cfg.train, [], []
     rows = tr.problems_per_step * cfg.algo.num_experts * cfg.rollout.samples_per_expert
+    if tr.max_tokens_per_micro_batch > 0:
+        return packed_batch_errors(cfg, dp, rows)
     per = dp * tr.micro_batch_size
     if rows % per:
         errors.append(f"train.problems_per_step x algo.num_experts x rollout.samples_per_expert = {rows} "
@@ -375,13 +377,30 @@ def batch_errors(cfg, dp: int) -> tuple[int, list[str], list[str]]:
     return micro, errors, warnings
 
 
+def packed_batch_errors(cfg, dp: int, rows: int) -> tuple[int, list[str], list[str]]:
+    """``batch_errors`` when rows are packed by token budget: micro-batches per step at full-length rows (an upper
+    bound), and under PP the check that a full-length row fits the fixed micro-batch length."""
+    budget, row_len = cfg.train.max_tokens_per_micro_batch, cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+    errors, warnings = [], []
+    if cfg.parallel.pp > 1 and budget < row_len:
+        errors.append(f"train.max_tokens_per_micro_batch = {budget} is shorter than a full-length row "
+                      f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {row_len}); with parallel.pp > 1 "
+                      f"every micro-batch has that fixed length (2 rows for a token-level mutual-learning pair)")
+    micro = max(1, -(-(-(-rows // dp) * row_len) // budget))
+    pp = cfg.parallel.pp
+    if pp > 1 and micro < pp:
+        warnings.append(f"about {micro} micro-batches per step with parallel.pp = {pp}: most of the pipeline idles")
+    return micro, errors, warnings
+
+
 # ----------------------------------------------------------------------------------------------- memory
 def stage_memory(cfg, arch: ArchSpec, dp: int, stage: int, microbatches: int, gpu_mem: float) -> StageMemory:
     """Per-GPU bytes on pipeline ``stage``; see the module docstring for which rows are exact."""
     par, m, ro = cfg.parallel, cfg.model, cfg.rollout
     dbytes = DTYPE_BYTES[m.dtype]
     rs = rank_state(arch, par, m.dtype, m.layer_spec in ("local", "sdpa"), stage, dp)
-    tokens = (ro.max_prompt_tokens + ro.max_new_tokens) * cfg.train.micro_batch_size
+    tokens = (cfg.train.max_tokens_per_micro_batch  # packed: the budget bounds a micro-batch's tokens
+              or (ro.max_prompt_tokens + ro.max_new_tokens) * cfg.train.micro_batch_size)
     layers = arch.num_layers // (par.pp * (par.vpp or 1))
     per_layer = layer_activation_bytes(arch, tokens, par.tp, par.sequence_parallel, dbytes, m.recompute)
     acts = per_layer * layers * inflight_chunks(par.pp, par.vpp, stage, microbatches)

@@ -178,7 +178,8 @@ def setup_run(cfg: MemlConfig, stage: str, *, run_dir: Optional[Path] = None, lr
     lr = lr if lr is not None else (cfg.train.sft_lr if stage == "sft" else cfg.train.lr)
     state = setup_training(arch, cfg.model, cfg.parallel, cfg.train, lr=lr)
     source = init_model_weights(cfg, state, arch)
-    trainer = Trainer(state, cfg.algo, micro_batch_size=cfg.train.micro_batch_size, pad_id=0)
+    trainer = Trainer(state, cfg.algo, micro_batch_size=cfg.train.micro_batch_size, pad_id=0,
+                      max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch)
     logger = MetricsLogger(run_dir, cfg.logging, enabled=dist.get_rank() == 0, resume_step=resume_step,
                            resume_stages=(stage, "eval"))
     ctx = RunContext(cfg=cfg, run_dir=run_dir, arch=arch, experts=experts, train_problems=train,

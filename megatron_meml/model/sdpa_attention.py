@@ -10,8 +10,12 @@ query [sq, b, np, hn], key/value [sk, b, ng, hn] in; context [sq, b, hp] out.
 
 Masking: only causal self-attention over full sequences (sq == sk) is supported, via ``is_causal=True``. An
 explicit ``attention_mask`` (Megatron's bool convention, True = masked out) is accepted only when it *is* the
-causal mask, as on CPU where the model is handed one; any other mask (padding, sliding window, packed
-sequences) raises instead of being ignored silently.
+causal mask, as on CPU where the model is handed one; any other mask (padding, sliding window) raises instead of
+being ignored silently.
+
+Packed sequences (``PackedSeqParams`` with qkv_format ``thd``, the trainer's padding-free micro-batches): query
+[t, np, hn], key/value [t, ng, hn], context [t, hp]; each sequence of ``cu_seqlens`` attends causally to itself
+only, one SDPA call per sequence (on CPU cheaper than a block-diagonal mask over the whole stream).
 """
 from __future__ import annotations
 
@@ -70,14 +74,13 @@ class SDPAttention(MegatronModule):
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
                 packed_seq_params: Optional[PackedSeqParams] = None) -> Tensor:
         """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np * hn]."""
-        if packed_seq_params is not None:
-            raise SDPAttentionError("packed sequences are not supported by the sdpa layer spec; "
-                                    "use model.layer_spec=te")
         if attention_bias is not None:
             raise SDPAttentionError("attention_bias is not supported by the sdpa layer spec")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         if mask_type != AttnMaskType.causal:
             raise SDPAttentionError(f"the sdpa layer spec supports causal attention only, got {mask_type.name}")
+        if packed_seq_params is not None:
+            return self._forward_packed(query, key, value, attention_mask, packed_seq_params)
         sq, b, np_, hn = query.shape
         sk = key.shape[0]
         if sq != sk:
@@ -89,6 +92,12 @@ class SDPAttention(MegatronModule):
         if attention_mask is not None:
             self._check_causal_mask(attention_mask, sq)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        ctx = self._attend(q, k, v)
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal SDPA of q [b, np, s, hn] over k, v [b, ng, s, hn] -> [b, np, s, hn]."""
         gqa = {}
         if self.num_groups != self.num_heads:
             if _HAS_ENABLE_GQA and q.is_cuda and q.dtype in _HALF:
@@ -101,13 +110,31 @@ class SDPAttention(MegatronModule):
             from megatron.core import tensor_parallel
 
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                                     scale=self.softmax_scale, **gqa)
-        else:
-            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
-                                                 **gqa)
-        # [b, np, sq, hn] -> [sq, b, np * hn]
-        return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
+                                                      **gqa)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale, **gqa)
+
+    def _forward_packed(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                        params: PackedSeqParams) -> Tensor:
+        """THD: query [t, np, hn], key/value [t, ng, hn] -> context [t, np * hn], causal within each sequence."""
+        if params.qkv_format != "thd":
+            raise SDPAttentionError(f"packed sequences must use qkv_format 'thd', got '{params.qkv_format}'")
+        if attention_mask is not None:
+            raise SDPAttentionError("packed sequences take no attention_mask (cu_seqlens bound each sequence)")
+        cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
+        if cu_kv is not None and cu_kv is not cu_q and not torch.equal(cu_q, cu_kv):
+            raise SDPAttentionError("packed self-attention needs cu_seqlens_q == cu_seqlens_kv")
+        if query.dim() != 3 or query.shape[0] != key.shape[0]:
+            raise SDPAttentionError(f"packed query/key must be [t, heads, hn] of one length, got "
+                                    f"{tuple(query.shape)} and {tuple(key.shape)}")
+        bounds = cu_q.tolist()
+        if bounds[0] != 0 or bounds[-1] != query.shape[0]:
+            raise SDPAttentionError(f"cu_seqlens {bounds[:3]}...{bounds[-1]} do not cover the {query.shape[0]} "
+                                    "packed tokens")
+        q, k, v = (t.permute(1, 0, 2)[None] for t in (query, key, value))  # [1, heads, t, hn]
+        parts = [self._attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+        ctx = torch.cat(parts, dim=2)  # [1, np, t, hn]
+        return ctx[0].permute(1, 0, 2).reshape(query.shape[0], self.hidden_size_per_partition)
 
     def _check_causal_mask(self, mask: Tensor, s: int) -> None:
         """Accept Megatron's causal mask ([1 or b, 1, s, s], True above the diagonal); raise for anything else."""

@@ -27,7 +27,12 @@ class TrainConfig:
     problems_per_step: int = 8
     """Questions sampled per RIEL step (each expanded to K experts x G samples)."""
     micro_batch_size: int = 8
-    """Sequences per micro-batch in the train step."""
+    """Sequences per micro-batch in the train step (when not packing by tokens)."""
+    max_tokens_per_micro_batch: int = 0
+    """> 0: the train step packs rows padding-free (THD layout, each row its own sequence) into micro-batches of at
+    most this many tokens, in place of micro_batch_size rows padded to the longest; under pipeline parallelism
+    every micro-batch has exactly this length, so it must hold the longest row (or mutual-learning pair).
+    0: by row count. Needs model.layer_spec sdpa or te."""
     sft_batch_size: int = 32
     """Sequences per MEF step."""
     steps: int = 100
@@ -41,7 +46,7 @@ class TrainConfig:
         for name in ("problems_per_step", "micro_batch_size", "sft_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "sft_steps", "warmup_steps", "threads"):
+        for name in ("steps", "sft_steps", "warmup_steps", "threads", "max_tokens_per_micro_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.sft_lr <= 0:

@@ -28,6 +28,47 @@ GRPO, STUDENT, TEACHER, SFT = 0, 1, 2, 3
 
 
 @dataclass(kw_only=True)
+class PackedRows:
+    """A micro-batch's rows laid end to end without padding: Megatron's THD layout (batch dimension 1), each row
+    its own sequence in ``cu_seqlens`` with RoPE positions from 0, so no row attends to another. Row r keeps its
+    positions 0..(last scored position); later tokens are right padding no scored position sees."""
+
+    tokens: torch.Tensor
+    """[1, N] int64."""
+    labels: torch.Tensor
+    """[1, N] int64: each packed position's next token (pad where the row ends)."""
+    position_ids: torch.Tensor
+    """[1, N] int64: restarting at 0 in every sequence."""
+    cu_seqlens: torch.Tensor
+    """[S + 1] int32: sequence boundaries; S = the rows, plus one trailing padding sequence when N is padded up
+    (to a multiple of TP for sequence parallelism, or to the fixed micro-batch length under PP)."""
+    max_seqlen: int
+    """The longest sequence in ``cu_seqlens``."""
+    index: torch.Tensor
+    """[B, T] int64: where row b's position t sits in the packed stream; -1 past the row's end."""
+
+    def to(self, device: torch.device) -> "PackedRows":
+        fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return PackedRows(**fields)
+
+    def params(self):
+        """Megatron's PackedSeqParams for this stream (THD, self-attention: q and kv share the boundaries)."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+
+    def unpack(self, flat: torch.Tensor) -> torch.Tensor:
+        """[N] per packed position -> [B, T] per row position (0 past a row's end); differentiable."""
+        padded = torch.cat([flat, flat.new_zeros(1)])  # index -1 reads the appended 0
+        return padded[self.index]
+
+    def flat_positions(self, row_flat: torch.Tensor) -> torch.Tensor:
+        """Flat positions into [B * T] (row form) -> positions into the packed stream."""
+        return self.index.reshape(-1)[row_flat]
+
+
+@dataclass(kw_only=True)
 class MicroBatch:
     """One micro-batch; tensors [B, T] unless stated. labels[b, t] = tokens[b, t + 1] (last: pad)."""
 
@@ -47,11 +88,27 @@ class MicroBatch:
     teacher_seq: Optional[torch.Tensor] = None
     """[B] float: a STUDENT row's teacher sequence log-prob log pi(O+ | Q, P+), scored before the step, when the
     teacher row is not in the micro-batch (then ``partner`` is -1); None: the teacher row is here (``partner``)."""
+    packed: Optional[PackedRows] = None
+    """The rows packed padding-free (the model then runs on these); None: the model runs on ``tokens`` [B, T].
+    Every other field keeps the row form [B, T] either way, so the loss terms are the same code."""
 
     def to(self, device: torch.device) -> "MicroBatch":
         """The same micro-batch with every tensor on ``device`` (the model's)."""
-        fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        fields = {k: (v.to(device) if isinstance(v, (torch.Tensor, PackedRows)) else v) for k, v in vars(self).items()}
         return MicroBatch(**fields)
+
+    @property
+    def model_seq_length(self) -> int:
+        """The sequence length the model sees (Megatron's schedule sizes pipeline messages by it)."""
+        return self.packed.tokens.shape[1] if self.packed is not None else self.tokens.shape[1]
+
+
+def row_logprobs(logits: torch.Tensor, mb: MicroBatch, tp_group) -> torch.Tensor:
+    """[B, T] fp32 log-prob of each row's next token, from the model's output (packed or not)."""
+    if mb.packed is None:
+        return vocab_parallel_logprobs(logits, mb.labels, tp_group)[0]
+    flat, _ = vocab_parallel_logprobs(logits, mb.packed.labels, tp_group)
+    return mb.packed.unpack(flat.reshape(-1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +142,7 @@ def step_normalisers(micro: list[MicroBatch], algo: AlgoConfig, dp_group=None) -
 def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo: AlgoConfig, tp_group,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The micro-batch's share of L = L_pg (+ kl_coef L_ref) + lambda1 L_mutual + lambda2 L_sft (sum form)."""
-    lp, _ = vocab_parallel_logprobs(logits, mb.labels, tp_group)
+    lp = row_logprobs(logits, mb, tp_group)
     kind = mb.row_kind[:, None]
     mask = mb.loss_mask.to(lp.dtype)
     g_mask = mask * (kind == GRPO)
@@ -136,6 +193,8 @@ def _mutual_terms(lp, logits, mask, mb: MicroBatch, students: torch.Tensor, norm
         kl, m = sequence_mutual_kl_loss(lp[students], mask[students], t_seq, norm.pairs, pair_weights=w)
     else:
         s_pos, t_pos = mutual_kl_positions(mask, students, teachers)
+        if mb.packed is not None:  # the logits are the packed stream's
+            s_pos, t_pos = mb.packed.flat_positions(s_pos), mb.packed.flat_positions(t_pos)
         per_pos = w.repeat_interleave(mask[students].sum(-1).long())
         kl, m = token_mutual_kl_loss(logits, s_pos, t_pos, norm.pairs, tp_group, position_weights=per_pos)
     metrics.update(m)
@@ -157,6 +216,9 @@ def _forward(data_iterator: Iterator[MicroBatch], model) -> tuple[MicroBatch, to
     """The next micro-batch on the model's device and this stage's output (logits on the last stage)."""
     dev = next(model.parameters()).device
     mb = next(data_iterator).to(dev)
+    if mb.packed is not None:
+        p = mb.packed
+        return mb, model(p.tokens, p.position_ids, None, packed_seq_params=p.params())
     t = mb.tokens.shape[1]
     pos = torch.arange(t, device=dev)[None].expand(mb.tokens.shape[0], t)
     return mb, model(mb.tokens, pos, causal_mask(t, dev))
@@ -181,7 +243,7 @@ def logprob_forward_step(tp_group=None):
         mb, out = _forward(data_iterator, model)
 
         def loss_func(output_tensor):
-            lp, _ = vocab_parallel_logprobs(output_tensor, mb.labels, tp_group)
+            lp = row_logprobs(output_tensor, mb, tp_group)
             return lp.sum() * 0.0, {"logprobs": lp.detach()}
 
         return out, loss_func

@@ -1,5 +1,6 @@
 """A whole MEML train step (GRPO + mutual-learning pairs + SFT rows in one batch) gives the same parameter
-gradients at TP=2, PP=2 and DP=2 as one process, and the same with 1 or several micro-batches (fp32, 1e-5)."""
+gradients at TP=2, PP=2 and DP=2 as one process, and the same with 1 or several micro-batches, padded by row count
+or packed padding-free by token budget (fp32, 1e-5 absolute; gradients here are O(1e-2..1))."""
 from __future__ import annotations
 
 import pytest
@@ -50,14 +51,15 @@ def _algo(algo_kind):
                       mutual_teacher_nll=0.4, mutual_min_student_logprob=-50.0)
 
 
-def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs, ahead=True):
+def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs, ahead=True, tokens=0):
     """Build at (tp, pp), load the reference weights, run one train step; return {global name: grad}."""
     from megatron.core import parallel_state as ps
     from megatron_meml.parallel import ParallelConfig
     from megatron_meml.training.config import TrainConfig
     from megatron_meml.model.provider import unwrap
     from megatron_meml.training.setup import setup_training
-    from megatron_meml.training.trainer import Trainer, pack_rows
+    from megatron_meml.training.packing import pack_rows
+    from megatron_meml.training.trainer import Trainer
     from megatron_meml.types import TrainBatch
 
     init_parallel(tp, pp)
@@ -72,7 +74,12 @@ def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs, ahead=True):
                            row_kind=batch.row_kind[rows], advantages=batch.advantages[rows],
                            old_logprobs=batch.old_logprobs[rows], rollout_logprobs=batch.rollout_logprobs[rows],
                            pair_id=batch.pair_id[rows])
-    trainer = Trainer(state, _algo(algo_kind), micro_batch_size=mbs, pad_id=PAD, score_teachers_ahead=ahead)
+    trainer = Trainer(state, _algo(algo_kind), micro_batch_size=mbs, pad_id=PAD, score_teachers_ahead=ahead,
+                      max_tokens_per_micro_batch=tokens)
+    if tokens:  # the budget must really split the step (else the test could not tell packing from one batch)
+        from megatron_meml.training.packing import split_packed
+
+        assert len(split_packed(batch, tokens, PAD, fixed=pp > 1)[0]) >= 2
     metrics = trainer.train_step(batch)
     offset = ps.get_pipeline_model_parallel_rank() * (LAYERS // pp)
     out = {}
@@ -109,11 +116,11 @@ def _reference(rank, world, tmp, algo_kind):
     torch.save({"grads": {k: g for k, (g, _) in grads.items()}, "metrics": metrics}, f"{tmp}/ref_{algo_kind}.pt")
 
 
-def _check(rank, world, tmp, algo_kind, tp, pp, dp, mbs):
+def _check(rank, world, tmp, algo_kind, tp, pp, dp, mbs, tokens=0):
     from megatron.core import parallel_state as ps
 
     dp_rank = rank // (tp * pp) if dp > 1 else 0
-    grads, metrics = _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs)
+    grads, metrics = _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs, tokens=tokens)
     ref = torch.load(f"{tmp}/ref_{algo_kind}.pt", weights_only=True)
     tp_rank = ps.get_tensor_model_parallel_rank()
     assert grads, "no parameters on this rank"
@@ -136,11 +143,14 @@ def reference(request, tmp_path_factory):
     return tmp, request.param
 
 
-@pytest.mark.parametrize("tp,pp,dp,mbs", [(1, 1, 1, 3), (2, 1, 1, 10), (1, 2, 1, 3), (1, 1, 2, 3)],
-                         ids=["microbatches4", "tp2", "pp2", "dp2"])
-def test_train_step_gradients_match_single_process(reference, tp, pp, dp, mbs):
+@pytest.mark.parametrize("tp,pp,dp,mbs,tokens", [
+    (1, 1, 1, 3, 0), (2, 1, 1, 10, 0), (1, 2, 1, 3, 0), (1, 1, 2, 3, 0),
+    (1, 1, 1, 8, 30), (2, 1, 1, 8, 30), (1, 2, 1, 8, 30), (1, 1, 2, 8, 30)],
+    ids=["microbatches4", "tp2", "pp2", "dp2", "packed", "packed_tp2", "packed_pp2", "packed_dp2"])
+def test_train_step_gradients_match_single_process(reference, tp, pp, dp, mbs, tokens):
+    """Against the single-process step with one padded micro-batch of all 10 rows."""
     tmp, algo_kind = reference
-    run_distributed(_check, tp * pp * dp, tmp, algo_kind, tp, pp, dp, mbs, megatron=True)
+    run_distributed(_check, tp * pp * dp, tmp, algo_kind, tp, pp, dp, mbs, tokens, megatron=True)
 
 
 def _teachers_ahead(rank, world, tmp):

@@ -101,6 +101,8 @@ def test_scale_recipe_fits_and_reports_every_stage():
     (["rollout.max_new_tokens=200000"], (8, 8), "exceeds the model's max_position_embeddings"),
     (["parallel.tp=1", "parallel.pp=1", "parallel.sequence_parallel=false"], (8, 8), "GiB per GPU during"),
     (["rollout.gpu_memory_utilization=0.12"], (8, 8), "less than one sequence"),
+    (["train.max_tokens_per_micro_batch=2048"], (8, 8), "shorter than a full-length row (rollout.max_prompt_tokens"
+                                                        " + rollout.max_new_tokens = 3072)"),
 ])
 def test_wrong_layouts_fail_with_the_reason(overrides, layout, reason):
     p = plan(load_config(RECIPE_70B, overrides), Layout(nodes=layout[0], gpus_per_node=layout[1]))
@@ -133,3 +135,16 @@ def test_embedded_default_plans_on_one_process():
     # per layer: 2 norms (2h) + proj (h*q) + qkv weight ((q + 2kv) * h) + qkv bias (q + 2kv) + fc1 (2f*h) + fc2 (f*h)
     # with h = q = 128, kv = 64, f = 256; plus the final norm and untied embedding + output layer (2 * 64 * 128)
     assert p.stages[0].params == 4 * (2 * 128 + 128 * 128 + 256 * 128 + 256 + 3 * 256 * 128) + 128 + 2 * 64 * 128
+
+
+def test_packed_micro_batches_in_the_plan():
+    """Packing by token budget: the micro-batch count is the step's full-length tokens over the budget, and a
+    micro-batch's activations are the budget's, not micro_batch_size full rows'."""
+    rows = load_config(RECIPE_70B)
+    padded = plan(rows, Layout(nodes=8, gpus_per_node=8))
+    packed = plan(load_config(RECIPE_70B, ["train.max_tokens_per_micro_batch=6144"]), Layout(nodes=8, gpus_per_node=8))
+    assert packed.ok, packed.errors
+    per_rank = -(-rows.train.problems_per_step * rows.algo.num_experts * rows.rollout.samples_per_expert // 2)
+    assert packed.microbatches == -(-per_rank * 3072 // 6144)
+    ratio = 6144 / (3072 * rows.train.micro_batch_size)
+    assert packed.stages[3].rows["activations"] == pytest.approx(padded.stages[3].rows["activations"] * ratio)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_meml.training.forward_step import GRPO, SFT, STUDENT, TEACHER
-from megatron_meml.training.trainer import pack_rows, scored_length, split_batch
+from megatron_meml.training.packing import pack_rows, scored_length, split_batch
 from megatron_meml.types import TrainBatch
 
 
@@ -76,3 +76,73 @@ def test_students_without_teachers_when_teachers_were_scored_ahead():
     assert micro[0].partner.tolist() == [-1, -1, -1] and micro[0].teacher_seq.tolist() == [0.0, -2.5, 0.0]
     assert micro[1].teacher_seq.tolist() == [0.0, 0.0, 0.0]  # padding rows
     assert split_batch(b, 3, pad_id=0)[0][0].teacher_seq is None  # teachers in the batch: none scored ahead
+
+
+def test_row_lengths_and_token_bins_hand_worked():
+    from megatron_meml.training.packing import row_lengths, row_units, token_bins
+
+    b = _batch()
+    # a row needs positions 0..its last scored one (that position's label, the next token, rides in labels)
+    assert row_lengths(b.loss_mask) == [4, 6, 9, 5, 5]
+    assert row_lengths(torch.zeros(1, 10)) == [1]
+    units = row_units(b.row_kind, b.pair_id)
+    assert units == [[0], [1, 3], [2], [4]]  # the pair [student, teacher] is one unit of 6 + 5 = 11 tokens
+    # first-fit decreasing: the pair (11) opens bin 0, row 2 (9) bin 1, row 0 (4) fits bin 1, row 4 (5) bin 2
+    assert token_bins(units, row_lengths(b.loss_mask), 13) == [[1, 3], [0, 2], [4]]
+    assert token_bins(units, row_lengths(b.loss_mask), 10) == [[1, 3], [2], [0, 4]]  # the pair runs alone
+    assert token_bins(units, row_lengths(b.loss_mask), 100) == [[0, 1, 3, 2, 4]]  # units in batch order
+
+
+def test_split_packed_layout_hand_worked():
+    from megatron_meml.training.packing import split_packed
+
+    b = _batch()
+    micro, groups = split_packed(b, 13, pad_id=99, multiple=2)
+    assert groups == [[1, 3], [0, 2], [4]]
+    pair = micro[0]
+    p = pair.packed
+    assert p.cu_seqlens.tolist() == [0, 6, 11, 12]  # rows of 6 and 5 tokens, then 1 padding token (multiple 2)
+    assert p.max_seqlen == 6 and p.tokens.shape == (1, 12)
+    assert p.tokens[0].tolist() == [*range(10, 16), *range(30, 35), 99]
+    assert p.labels[0].tolist() == [*range(11, 17), *range(31, 36), 99]  # each position's next token
+    assert p.position_ids[0].tolist() == [*range(6), *range(5), 0]
+    assert p.index.tolist() == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, -1]]
+    assert pair.partner.tolist() == [1, -1] and pair.loss_mask.shape == (2, 6)
+    assert torch.equal(pair.loss_mask, b.loss_mask[[1, 3], :6])
+    assert micro[1].packed.cu_seqlens.tolist() == [0, 4, 13, 14]
+    flat = torch.arange(14.0)
+    unpacked = micro[1].packed.unpack(flat)
+    assert unpacked.tolist() == [[0, 1, 2, 3, 0, 0, 0, 0, 0], [4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    # row-form flat position (row 1, t 2) = 1 * 9 + 2 -> packed position 4 + 2
+    assert micro[1].packed.flat_positions(torch.tensor([11])).tolist() == [6]
+
+
+def test_split_packed_fixed_length_under_pp():
+    from megatron_meml.training.packing import split_packed
+
+    b = _batch()
+    micro, _ = split_packed(b, 13, pad_id=0, multiple=2, fixed=True)  # 13 -> 14, a multiple of TP
+    assert [m.packed.tokens.shape[1] for m in micro] == [14, 14, 14]
+    assert [m.packed.cu_seqlens[-1].item() for m in micro] == [14, 14, 14]
+    with pytest.raises(ValueError, match=r"max_tokens_per_micro_batch=10 is shorter than a mutual-learning pair "
+                                         r"of 11 tokens \(rows \[1, 3\]\).*raise it to >= 11"):
+        split_packed(b, 10, pad_id=0, fixed=True)
+
+
+def test_split_packed_teachers_ahead_unpairs_students():
+    from megatron_meml.training.packing import split_packed, take_rows
+
+    b = take_rows(_batch(), [0, 1, 2, 4])  # the teacher row scored ahead and dropped
+    micro, groups = split_packed(b, 9, pad_id=0, teacher_seq=torch.tensor([0.0, -3.5, 0.0, 0.0]))
+    assert sorted(r for g in groups for r in g) == [0, 1, 2, 3]
+    student = next(m for m, g in zip(micro, groups) if 1 in g)
+    assert student.partner.tolist() == [-1] * len(student.partner)
+    assert -3.5 in student.teacher_seq.tolist()
+
+
+def test_packed_needs_a_packed_attention():
+    from megatron_meml.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="needs model.layer_spec sdpa, te or auto"):
+        load_config(None, ["train.max_tokens_per_micro_batch=512", "model.layer_spec=local"])
+    assert load_config(None, ["train.max_tokens_per_micro_batch=512"]).train.max_tokens_per_micro_batch == 512
