@@ -29,6 +29,17 @@ printed both from the median over repeats and from each side's best (least conte
 ``step ratio N`` (ours plain GRPO / TRL) and ``meml step ratio N`` (full MEML / TRL), from the best repeats.
 
 Usage:  .venv/bin/python bench/step_vs_trl.py [--repeats 3] [--steps 20] [--warmup 2] [--json-out FILE]
+
+Real-model mode (``--real .models/SmolLM2-135M-Instruct``), at 2 threads on both sides:
+  trl     bench/trl_real_grpo.py in the TRL venv: TRL 1.16.0 GRPOTrainer, HF generate, bf16 (use_cpu, bf16=True),
+          8 prompts x 8 generations x 64 new tokens, T=0.7, lr 1e-5, reward "The answer is X" = gold.
+  grpo    recipes/smollm2-wordmath.yaml in plain GRPO mode (one expert, no mutual learning, no hard examples,
+          std-normalised advantages, clipped ratio), 8 problems x 8 samples x 64 new tokens, T=0.7: vLLM rollout,
+          bf16 trainer, weight sync.
+  packed  as grpo with train.max_tokens_per_micro_batch=2048 (padding-free micro-batches).
+The prompts are the same text on both sides: wordmath level 3 ("one addition of two-digit numbers") with the
+expert0 system prompt, chat-templated by our side and written to a JSONL the TRL side reads. Ends with
+``real step ratio N`` (grpo / trl, best repeats) and ``real packed step ratio N``.
 """
 from __future__ import annotations
 
@@ -48,6 +59,39 @@ DEFAULT_CACHE = Path.home() / ".cache" / "megatron-meml" / "trl-anchor"
 TRL_PINS = ("torch==2.13.0+cpu", "trl==1.16.0")
 PROMPTS = {"synth_direct": "=", "synth_steps": "==", "synth_columns": "==="}
 """Expert prompt files for the bench: short, so prompts are about as long as the anchor's."""
+
+
+REAL_RECIPE = ROOT / "recipes" / "smollm2-wordmath.yaml"
+REAL_THREADS = 2
+
+
+def real_overrides(side: str, steps: int, out_dir: str, model: str) -> list[str]:
+    """Overrides of our real-model sides on recipes/smollm2-wordmath.yaml."""
+    common = [f"output_dir={out_dir}", f"run_name={side}", "seed=0", f"model.hf_path={model}",
+              "data.synthetic_levels=[3]", "data.synthetic_weights=[1.0]", "algo.num_experts=1",
+              "algo.mutual_learning=false", "hard_examples.enabled=false", "algo.advantage=grpo",
+              "algo.policy_loss=clipped", "rollout.samples_per_expert=8", "train.problems_per_step=8",
+              "rollout.max_new_tokens=64", "rollout.temperature=0.7", f"train.threads={REAL_THREADS}",
+              f"train.steps={steps}", "logging.tensorboard=false", "logging.progress='off'", "eval.max_problems=0",
+              "checkpoint.save_every=0"]
+    if side == "grpo":
+        return common
+    if side == "packed":
+        return common + ["train.max_tokens_per_micro_batch=2048"]
+    raise ValueError(f"unknown real-model side '{side}'")
+
+
+def write_real_prompts(model: str, path: Path, n: int = 512) -> None:
+    """The real-model sides' prompts, chat-templated by our expert set, with their gold answers (JSONL)."""
+    from megatron_meml.config import load_config
+    from megatron_meml.run import build_experts, load_data
+
+    cfg = load_config(REAL_RECIPE, real_overrides("grpo", 1, "/tmp", model))
+    experts = build_experts(cfg)
+    train, _ = load_data(cfg)
+    with path.open("w") as f:
+        for problem in train[:n]:
+            f.write(json.dumps({"prompt": experts.prompt_text(0, problem), "answer": problem.answer}) + "\n")
 
 
 def side_overrides(side: str, steps: int, out_dir: str, prompt_dir: str) -> list[str]:
@@ -73,7 +117,7 @@ def side_overrides(side: str, steps: int, out_dir: str, prompt_dir: str) -> list
 
 
 # ------------------------------------------------------------------------------------------------- our side (child)
-def run_ours(side: str, steps: int, warmup: int, json_out: str) -> None:
+def run_ours(side: str, steps: int, warmup: int, json_out: str, real: str = "") -> None:
     """Child process: set up a run through the project's code path and time ``riel_step``."""
     import torch
 
@@ -87,7 +131,10 @@ def run_ours(side: str, steps: int, warmup: int, json_out: str) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"step_vs_trl_{side}_"))
     for eid, text in PROMPTS.items():
         (work / f"{eid}.txt").write_text(text + "\n")
-    cfg = load_config(None, side_overrides(side, warmup + steps, str(work / "runs"), str(work)))
+    if real:
+        cfg = load_config(REAL_RECIPE, real_overrides(side, warmup + steps, str(work / "runs"), real))
+    else:
+        cfg = load_config(None, side_overrides(side, warmup + steps, str(work / "runs"), str(work)))
     ctx = setup_run(cfg, "train")
     store = (HardExampleStore(cfg.hard_examples, ctx.run_dir / "hard_examples", seed=cfg.seed)
              if cfg.hard_examples.enabled else None)
@@ -137,8 +184,8 @@ def trl_python(cache: Path) -> Path:
     return py
 
 
-def run_child(cmd: list[str], log: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+def run_child(cmd: list[str], log: Path, threads: int = 1) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     with log.open("w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -161,6 +208,22 @@ def run_trl(py: Path, cache: Path, steps: int, warmup: int, out: Path, anchor: P
             "prompt_len_mean": anchor_prompt_len(), "train_rows_mean": 64, "mutual_pairs_mean": 0.0,
             "reward_mean": float("nan"), "torch_threads": rec["versions"].get("torch_threads"),
             "step_times": rec["step_times"]}
+
+
+def run_trl_real(py: Path, model: str, steps: int, warmup: int, out: Path, prompts: Path, rep: int) -> dict:
+    js = out / f"trl_real.{rep}.json"
+    run_child([str(py), str(ROOT / "bench" / "trl_real_grpo.py"), "--model", model, "--prompts", str(prompts),
+               "--out-dir", str(out / "trl_real_out"), "--json-out", str(js), "--steps", str(steps), "--warmup",
+               str(warmup), "--threads", str(REAL_THREADS)], out / f"trl_real.{rep}.log", threads=REAL_THREADS)
+    rec = json.loads(js.read_text())
+    rest = statistics.median(s - g for s, g in zip(rec["step_times"], rec["gen_times"]))
+    return {"side": "trl", "seconds_per_step": rec["seconds_per_step_median"],
+            "seconds_per_step_mean": statistics.mean(rec["step_times"]),
+            "phase_median": {"timing/rollout": statistics.median(rec["gen_times"]), "timing/train": rest},
+            "completions_per_step": 64, "completion_len_mean": statistics.mean(rec["gen_tokens"]) / 64,
+            "prompt_len_mean": rec["prompt_len_mean"], "train_rows_mean": 64, "mutual_pairs_mean": 0.0,
+            "reward_mean": statistics.mean(h["reward"] for h in rec["log"]) if rec["log"] else float("nan"),
+            "torch_threads": rec["threads"], "step_times": rec["step_times"]}
 
 
 def anchor_prompt_len() -> float:
@@ -203,15 +266,19 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="TRL venv and tiny HF model directory")
     p.add_argument("--anchor", type=Path, default=ANCHOR, help="the TRL anchor script")
     p.add_argument("--json-out", default="", help="write every record here")
-    p.add_argument("--worker", choices=["grpo", "meml"], help=argparse.SUPPRESS)
+    p.add_argument("--real", default="", metavar="HF_DIR", help="real-model mode on this HF model directory "
+                   "(sides trl, grpo, packed; 2 threads)")
+    p.add_argument("--worker", choices=["grpo", "meml", "packed"], help=argparse.SUPPRESS)
     p.add_argument("--worker-json", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         import torch
 
-        torch.set_num_threads(1)
-        run_ours(a.worker, a.steps, a.warmup, a.worker_json)
+        torch.set_num_threads(REAL_THREADS if a.real else 1)
+        run_ours(a.worker, a.steps, a.warmup, a.worker_json, real=a.real)
         return
+    if a.real:
+        return main_real(a)
     sides = [s for s in a.sides.split(",") if s]
     if not a.anchor.is_file() and "trl" in sides:
         raise SystemExit(f"the TRL anchor script {a.anchor} does not exist; pass --anchor PATH")
@@ -254,6 +321,46 @@ def main() -> None:
         print(f"step ratio {best['grpo'] / best['trl']:.3f}")
     if "trl" in best and "meml" in best:
         print(f"meml step ratio {best['meml'] / best['trl']:.3f}")
+
+
+def main_real(a) -> None:
+    """Real-model mode: trl, grpo and packed in turn, --repeats times; ratios from each side's best repeat."""
+    sides = [s for s in a.sides.split(",") if s] if a.sides != "trl,grpo,meml" else ["trl", "grpo", "packed"]
+    out = Path(tempfile.mkdtemp(prefix="step_vs_trl_real_"))
+    prompts = out / "prompts.jsonl"
+    write_real_prompts(a.real, prompts)
+    py = trl_python(a.cache) if "trl" in sides else None
+    load = os.getloadavg()
+    print(f"[conditions] real model {a.real}, {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}, {REAL_THREADS} threads per side, sides one after another; logs in {out}", flush=True)
+    results: dict[str, list[dict]] = {s: [] for s in sides}
+    for rep in range(a.repeats):
+        for side in sides:
+            t0 = time.perf_counter()
+            if side == "trl":
+                rec = run_trl_real(py, a.real, a.steps, a.warmup, out, prompts, rep)
+            else:
+                js = out / f"{side}.json"
+                run_child([sys.executable, str(Path(__file__).resolve()), "--worker", side, "--real", a.real,
+                           "--steps", str(a.steps), "--warmup", str(a.warmup), "--worker-json", str(js)],
+                          out / f"{side}.{rep}.log", threads=REAL_THREADS)
+                rec = json.loads(js.read_text())
+            rec["load_after"] = os.getloadavg()[0]
+            results[side].append(rec)
+            print(f"[repeat {rep + 1}/{a.repeats}] {side}: {rec['seconds_per_step']:.2f} s/step (median), "
+                  f"{time.perf_counter() - t0:.0f} s wall; reward {rec['reward_mean']:.3f}; phases: {phases(rec)}",
+                  flush=True)
+    print()
+    print(table(results))
+    best = {s: min(r["seconds_per_step"] for r in recs) for s, recs in results.items()}
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"results": results, "best": best}, indent=1))
+    loads = ", ".join(f"{r['side']} {r['load_after']:.1f}" for recs in results.values() for r in recs)
+    print(f"[conditions] 1-min load average after each run: {loads}")
+    if "trl" in best and "grpo" in best:
+        print(f"real step ratio {best['grpo'] / best['trl']:.3f}")
+    if "trl" in best and "packed" in best:
+        print(f"real packed step ratio {best['packed'] / best['trl']:.3f}")
 
 
 if __name__ == "__main__":

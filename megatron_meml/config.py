@@ -74,6 +74,9 @@ class MemlConfig:
     """Metrics sinks and progress output."""
 
     def __post_init__(self) -> None:
+        if self.reward.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"reward.overlong_buffer={self.reward.overlong_buffer} is longer than "
+                             f"rollout.max_new_tokens={self.rollout.max_new_tokens}")
         if self.train.max_tokens_per_micro_batch > 0 and self.model.layer_spec == "local":
             raise ValueError("train.max_tokens_per_micro_batch (packed rows) needs model.layer_spec sdpa, te or auto; "
                              "Megatron's local attention has no packed-sequence path")

@@ -7,9 +7,11 @@ from typing import Any, Optional
 import torch
 
 from megatron_meml.algo.advantages import advantage_metrics, compute_advantages
+from megatron_meml.algo.dynamic_sampling import DynamicBatch, collect
 from megatron_meml.algo.mutual import select_pairs
 from megatron_meml.batching import grpo_rows, mutual_weight, pair_rows, sft_rows, to_train_batch
 from megatron_meml.rewards.score import score
+from megatron_meml.rewards.shaping import overlong_penalty
 from megatron_meml.rollout.backend import SamplingSpec
 from megatron_meml.run import RunContext, stable_seed
 from megatron_meml.samples import riel_samples
@@ -17,39 +19,38 @@ from megatron_meml.types import ExpertGroup
 
 
 def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str, float]:
-    """Sample -> rollout -> reward -> advantages -> mutual pairs -> hard examples -> train -> weight sync."""
-    cfg, timers, experts = ctx.cfg, ctx.timers, ctx.experts
-    g = cfg.rollout.samples_per_expert
-    with timers("sample"):
-        problems = sampler.next_batch(cfg.train.problems_per_step)
-        expanded = experts.expand(problems)
-    with timers("rollout"):
-        t0 = time.perf_counter()
-        spec = SamplingSpec(n=g, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                            max_tokens=cfg.rollout.max_new_tokens,
-                            seed=cfg.rollout.seed if cfg.rollout.seed is not None else stable_seed(cfg.seed, step))
-        completions = ctx.rollout.generate([ids for _, _, ids in expanded], spec)
-        gen_s = time.perf_counter() - t0
-    with timers("reward"):
-        groups = []
-        for i, (problem, e, _) in enumerate(expanded):
-            outs = completions[i * g:(i + 1) * g]
-            rewards = [score(problem, c.text, cfg.experts.answer_format, cfg.reward).reward for c in outs]
-            groups.append(ExpertGroup(problem=problem, expert=e, completions=outs, rewards=rewards))
-        rewards_t = torch.tensor([grp.rewards for grp in groups], dtype=torch.float32)
+    """Sample -> rollout -> reward (-> refill, dynamic sampling) -> advantages -> mutual pairs -> hard examples ->
+    train -> weight sync."""
+    cfg, timers, experts, algo = ctx.cfg, ctx.timers, ctx.experts, ctx.cfg.algo
+    n = cfg.train.problems_per_step
+    first, gen_s = generate_groups(ctx, step, sampler, n, 0)
+    if algo.dynamic_sampling:
+        def refill(j: int) -> list[ExpertGroup]:
+            nonlocal gen_s
+            more, seconds = generate_groups(ctx, step, sampler, n, j)
+            gen_s += seconds
+            return more
+
+        dyn = collect(first, refill, num_experts=len(experts), wanted=n,
+                      on_exhausted=algo.dynamic_sampling_on_exhausted,
+                      max_gen_batches=algo.dynamic_sampling_max_gen_batches)
+    else:
+        dyn = DynamicBatch(kept=first, generated=first)
+    groups, every = dyn.kept, dyn.generated  # GRPO rows from the kept; pairs, hard examples, metrics see every group
     with timers("advantages"):
+        rewards_t, shaping = shaped_rewards(groups, cfg)
         qidx = torch.tensor([i // len(experts) for i in range(len(groups))])
-        adv = compute_advantages(rewards_t, cfg.algo, question_index=qidx)
-        rows = grpo_rows(groups, adv, positive_only=cfg.algo.policy_loss == "paper_pg")
+        adv = compute_advantages(rewards_t, algo, question_index=qidx) if groups else rewards_t
+        rows = grpo_rows(groups, adv, positive_only=algo.policy_loss == "paper_pg")
     with timers("mutual"):
-        pairs, weight = [], mutual_weight(step, cfg.algo.lambda_kl_warmup_steps)
-        if cfg.algo.mutual_learning and len(experts) > 1:
-            pairs = select_pairs(groups, min_gap=cfg.algo.mutual_min_gap)
+        pairs, weight = [], mutual_weight(step, algo.lambda_kl_warmup_steps)
+        if algo.mutual_learning and len(experts) > 1:
+            pairs = select_pairs(every, min_gap=algo.mutual_min_gap)
             rows += pair_rows(pairs, experts, weight=weight)
     hard_metrics: dict[str, float] = {}
     with timers("hard_examples"):
         if store is not None:
-            hard_metrics.update(store.update(groups, step))
+            hard_metrics.update(store.update(every, step))
             if store.sft_due:
                 rows += sft_rows(hard_sft_examples(ctx, store.sft_batch(ctx.dp_rank, ctx.dp_size)))
                 hard_metrics.update(store.record_replay())
@@ -60,17 +61,56 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
         train_metrics = ctx.trainer.train_step(batch)
     with timers("weight_sync"):
         sync_metrics = ctx.rollout.sync()
-    metrics = rollout_metrics(groups, completions, gen_s, experts.ids)
-    metrics.update(advantage_metrics(rewards_t, adv))
-    metrics.update(train_metrics)
-    metrics.update(hard_metrics)
-    metrics.update(sync_metrics)
+    metrics = rollout_metrics(every, [c for g in every for c in g.completions], gen_s, experts.ids)
+    if groups:
+        metrics.update(advantage_metrics(rewards_t, adv))
+    metrics.update(shaping)
+    if algo.dynamic_sampling:
+        metrics.update(dyn.metrics())
+    for part in (train_metrics, hard_metrics, sync_metrics):
+        metrics.update(part)
     with timers("samples"):
-        metrics.update(riel_samples(ctx, step, groups))
+        metrics.update(riel_samples(ctx, step, every))
     metrics["rollout/mutual_pairs"] = float(len(pairs))
-    metrics["train/mutual_lambda"] = cfg.algo.lambda_kl * weight
+    metrics["train/mutual_lambda"] = algo.lambda_kl * weight
     metrics["rollout/train_rows"] = float(len(rows))
     return metrics
+
+
+def generate_groups(ctx: RunContext, step: int, sampler: Any, n: int, batch: int) -> tuple[list[ExpertGroup], float]:
+    """(the next ``n`` problems x K experts x G samples, scored; seconds spent generating). ``batch`` > 0: a
+    dynamic-sampling refill of the same step, with its own sampling seed."""
+    cfg, timers, experts = ctx.cfg, ctx.timers, ctx.experts
+    g = cfg.rollout.samples_per_expert
+    with timers("sample"):
+        expanded = experts.expand(sampler.next_batch(n))
+    with timers("rollout"):
+        t0 = time.perf_counter()
+        seed = cfg.rollout.seed if cfg.rollout.seed is not None else stable_seed(cfg.seed, step)
+        spec = SamplingSpec(n=g, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                            max_tokens=cfg.rollout.max_new_tokens, seed=stable_seed(seed, batch) if batch else seed)
+        completions = ctx.rollout.generate([ids for _, _, ids in expanded], spec)
+        gen_s = time.perf_counter() - t0
+    with timers("reward"):
+        groups = []
+        for i, (problem, e, _) in enumerate(expanded):
+            outs = completions[i * g:(i + 1) * g]
+            rewards = [score(problem, c.text, cfg.experts.answer_format, cfg.reward).reward for c in outs]
+            groups.append(ExpertGroup(problem=problem, expert=e, completions=outs, rewards=rewards))
+    return groups, gen_s
+
+
+def shaped_rewards(groups: list[ExpertGroup], cfg: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """[groups, G] rewards for the advantages: the verifier's plus the soft overlong penalty (when set), and the
+    penalty's metric."""
+    r = torch.tensor([grp.rewards for grp in groups], dtype=torch.float32).reshape(len(groups),
+                                                                                 cfg.rollout.samples_per_expert)
+    if cfg.reward.overlong_buffer <= 0 or not groups:
+        return r, {}
+    pen = torch.tensor([[overlong_penalty(len(c.token_ids), cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer,
+                                          cfg.reward.overlong_penalty) for c in grp.completions] for grp in groups])
+    return r + pen, {"reward/overlong_penalty": float(pen.mean()),
+                     "reward/overlong_frac": float((pen < 0).float().mean())}
 
 
 def hard_sft_examples(ctx: RunContext, examples: list[Any]) -> list[Any]:

@@ -65,13 +65,26 @@ class AlgoConfig:
     shared-weight updates for the weak expert do not lower the strong expert's likelihood of its correct O+.
     0 is the paper."""
 
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (algo/dynamic_sampling.py): drop the questions whose K x G rewards are all equal and
+    draw further batches until train.problems_per_step informative questions are found."""
+    dynamic_sampling_max_gen_batches: int = 3
+    """Dynamic sampling: at most this many generation batches (of train.problems_per_step questions) per step."""
+    dynamic_sampling_on_exhausted: str = "train"
+    """Dynamic sampling, budget spent with too few informative questions: train (on those there are; the
+    shortfall is logged as rollout/ds_shortfall) or error (stop, as NeMo-RL, verl and SkyRL do)."""
+
     def __post_init__(self) -> None:
         checks = (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("aggregation", AGGREGATIONS),
                   ("sft_aggregation", AGGREGATIONS),
-                  ("mutual_kind", MUTUAL_KINDS), ("mutual_normalise", MUTUAL_NORMALISE), ("kl_type", KL_TYPES))
+                  ("mutual_kind", MUTUAL_KINDS), ("mutual_normalise", MUTUAL_NORMALISE), ("kl_type", KL_TYPES),
+                  ("dynamic_sampling_on_exhausted", ("train", "error")))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"algo.{name} must be one of {allowed}, got '{getattr(self, name)}'")
+        if self.dynamic_sampling_max_gen_batches < 1:
+            raise ValueError(f"algo.dynamic_sampling_max_gen_batches must be >= 1, got "
+                             f"{self.dynamic_sampling_max_gen_batches}")
         if self.num_experts < 1:
             raise ValueError(f"algo.num_experts must be >= 1, got {self.num_experts}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
