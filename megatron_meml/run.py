@@ -154,12 +154,9 @@ def setup_run(cfg: MemlConfig, stage: str, *, run_dir: Optional[Path] = None, lr
 
     from megatron_meml.model.cpu_compat import install_cpu_shim
     from megatron_meml.parallel import init_distributed
-    from megatron_meml.training.setup import setup_training
+    from megatron_meml.training.setup import build_reference, setup_training
     from megatron_meml.training.trainer import Trainer
 
-    if stage == "train" and cfg.algo.kl_coef > 0:
-        raise RunError("algo.kl_coef > 0 needs reference-policy log-probs, which the RIEL loop does not compute "
-                       "yet (the loss term exists); set algo.kl_coef=0 (the paper's setting)")
     setup_threads(cfg)
     install_cpu_shim()  # no-op with CUDA
     init_distributed(cfg.parallel)
@@ -178,8 +175,11 @@ def setup_run(cfg: MemlConfig, stage: str, *, run_dir: Optional[Path] = None, lr
     lr = lr if lr is not None else (cfg.train.sft_lr if stage == "sft" else cfg.train.lr)
     state = setup_training(arch, cfg.model, cfg.parallel, cfg.train, lr=lr)
     source = init_model_weights(cfg, state, arch)
+    # the KL term's reference is the RIEL start: copied now, before a resume loads later weights
+    reference = (build_reference(arch, cfg.model, cfg.parallel, state.model)
+                 if stage == "train" and cfg.algo.kl_coef > 0 else None)
     trainer = Trainer(state, cfg.algo, micro_batch_size=cfg.train.micro_batch_size, pad_id=0,
-                      max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch)
+                      max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch, reference=reference)
     logger = MetricsLogger(run_dir, cfg.logging, enabled=dist.get_rank() == 0, resume_step=resume_step,
                            resume_stages=(stage, "eval"))
     ctx = RunContext(cfg=cfg, run_dir=run_dir, arch=arch, experts=experts, train_problems=train,

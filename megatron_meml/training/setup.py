@@ -89,6 +89,19 @@ def setup_training(arch: ArchSpec, model_cfg: ModelConfig, parallel: ParallelCon
     return TrainState(model=model, optimizer=optimizer)
 
 
+def build_reference(arch: ArchSpec, model_cfg: ModelConfig, parallel: ParallelConfig, policy: list[Any]) -> list[Any]:
+    """The frozen reference policy for ``algo.kl_coef > 0``: this rank's chunks of the same architecture, sharded
+    like the policy (same TP/PP/VPP layout, so the same local shapes), holding a copy of the policy's current
+    weights (call it before a resume loads later ones: the reference is the RIEL start). No DDP wrapper, no
+    optimizer, no gradients: it only runs forward (``Trainer.reference_logprobs``)."""
+    chunks = build_model_chunks(arch, model_cfg, parallel)
+    for ref, pol in zip(chunks, policy):
+        ref.load_state_dict(unwrap(pol).state_dict(), strict=True)
+        ref.requires_grad_(False)
+        ref.eval()
+    return chunks
+
+
 def zero_grads(state: TrainState) -> None:
     for chunk in state.model:
         chunk.zero_grad_buffer()

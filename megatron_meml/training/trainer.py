@@ -36,7 +36,8 @@ class Trainer:
     """Runs Megatron's forward/backward schedule on TrainBatches for one model replica."""
 
     def __init__(self, state: TrainState, algo: AlgoConfig, *, micro_batch_size: int, pad_id: int,
-                 score_teachers_ahead: bool = True, max_tokens_per_micro_batch: int = 0):
+                 score_teachers_ahead: bool = True, max_tokens_per_micro_batch: int = 0,
+                 reference: Optional[list] = None):
         from megatron.core import parallel_state as ps
 
         self.state, self.algo = state, algo
@@ -55,6 +56,8 @@ class Trainer:
         self.max_tokens = max_tokens_per_micro_batch
         """> 0: rows packed padding-free into micro-batches of this many tokens (fixed under PP)."""
         self.tp_size, self.pp_size = ps.get_tensor_model_parallel_world_size(), pp_size
+        self.reference = reference
+        """The frozen reference policy's chunks (``setup.build_reference``) when algo.kl_coef > 0."""
 
     def _split(self, batch: TrainBatch, *, trim: bool, teacher_seq: Optional[torch.Tensor] = None):
         """(micro-batches, their rows): packed by token budget when set, else by row count."""
@@ -64,25 +67,28 @@ class Trainer:
         return split_batch(batch, self.micro_batch_size, self.pad_id, trim_multiple=self.trim_multiple if trim else 0,
                            trim_rows=self.trim_rows, teacher_seq=teacher_seq)
 
-    def _schedule(self, fwd, micro: list[MicroBatch], forward_only: bool):
+    def _schedule(self, fwd, micro: list[MicroBatch], forward_only: bool, model: Optional[list] = None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        model = self.state.model
+        model = self.state.model if model is None else model
         it = iter(micro) if len(model) == 1 else [iter(micro) for _ in model]
         return get_forward_backward_func()(
             forward_step_func=fwd, data_iterator=it, model=model, num_microbatches=len(micro),
             seq_length=micro[0].model_seq_length, forward_only=forward_only,
             micro_batch_size=1 if micro[0].packed is not None else self.micro_batch_size)
 
-    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """[B, T] fp32 log-probs of each next token under the current weights (no grad), on every PP rank."""
+    def compute_logprobs(self, batch: TrainBatch, *, model: Optional[list] = None) -> torch.Tensor:
+        """[B, T] fp32 log-probs of each next token under the current weights (no grad), on every PP rank;
+        ``model``: other chunks of the same layout (the reference policy) instead of the policy's."""
         micro, groups = self._split(batch, trim=False)
-        for chunk in self.state.model:
+        chunks = self.state.model if model is None else model
+        for chunk in chunks:
             chunk.eval()
         with torch.no_grad():
-            outs = self._schedule(logprob_forward_step(self.tp_group), micro, forward_only=True)
-        for chunk in self.state.model:
-            chunk.train()
+            outs = self._schedule(logprob_forward_step(self.tp_group), micro, forward_only=True, model=chunks)
+        if model is None:
+            for chunk in chunks:
+                chunk.train()
         result = torch.zeros(batch.tokens.shape, dtype=torch.float32)
         if self.is_last:
             for rows, out in zip(groups, outs):
@@ -95,6 +101,11 @@ class Trainer:
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """Forward/backward over all micro-batches, one optimizer step; metrics summed over the step."""
         teacher_seq = None
+        if self.algo.kl_coef > 0 and bool((batch.row_kind == GRPO).any()):
+            if self.reference is None:
+                raise ValueError("algo.kl_coef > 0 needs the reference policy: Trainer(reference=...) "
+                                 "(training.setup.build_reference)")
+            batch = self.with_reference(batch)
         if self.score_teachers_ahead and bool((batch.row_kind == TEACHER).any()):
             batch, teacher_seq = self._score_teachers(batch)
         micro, _ = self._split(batch, trim=True, teacher_seq=teacher_seq)
@@ -111,6 +122,15 @@ class Trainer:
         metrics["train/update_skipped"] = 0.0 if ok else 1.0
         metrics["train/empty_step"] = 0.0
         return metrics
+
+    def with_reference(self, batch: TrainBatch) -> TrainBatch:
+        """The batch with ``ref_logprobs`` [B, T]: the frozen reference policy's log-probs on its GRPO rows (the
+        only rows the KL term scores), 0 elsewhere."""
+        rows = (batch.row_kind == GRPO).nonzero().squeeze(-1).tolist()
+        ref = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+        if rows:
+            ref[rows] = self.compute_logprobs(take_rows(batch, rows), model=self.reference)
+        return dataclasses.replace(batch, ref_logprobs=ref)
 
     def _score_teachers(self, batch: TrainBatch) -> tuple[TrainBatch, torch.Tensor]:
         """(the batch without its TEACHER rows, [B'] each STUDENT row's teacher log pi(O+ | Q, P+) under the
