@@ -131,9 +131,10 @@ class SDPAttention(MegatronModule):
         if bounds[0] != 0 or bounds[-1] != query.shape[0]:
             raise SDPAttentionError(f"cu_seqlens {bounds[:3]}...{bounds[-1]} do not cover the {query.shape[0]} "
                                     "packed tokens")
-        q, k, v = (t.permute(1, 0, 2)[None] for t in (query, key, value))  # [1, heads, t, hn]
-        parts = [self._attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
-        ctx = torch.cat(parts, dim=2)  # [1, np, t, hn]
+        lens = [b - a for a, b in zip(bounds, bounds[1:])]
+        # split (not slicing): its backward is one cat, where each slice's backward would zero a full-size grad
+        qs, ks, vs = (t.permute(1, 0, 2)[None].split(lens, dim=2) for t in (query, key, value))  # [1, heads, L, hn]
+        ctx = torch.cat([self._attend(q, k, v) for q, k, v, n in zip(qs, ks, vs, lens) if n], dim=2)  # [1, np, t, hn]
         return ctx[0].permute(1, 0, 2).reshape(query.shape[0], self.hidden_size_per_partition)
 
     def _check_causal_mask(self, mask: Tensor, s: int) -> None:
