@@ -67,6 +67,9 @@ def save_checkpoint(root: Path, step: int, state: TrainState, run_state: dict[st
         partial.mkdir(parents=True)
     _barrier()
     sd = _model_sd(state.model)
+    # An optimizer that never stepped (every step so far empty: nothing scored) has no state to save, and
+    # Megatron's state_dict() of such a torch AdamW fails; a fresh optimizer on resume is the same thing.
+    with_optimizer = with_optimizer and any(True for _ in _inner_states(state.optimizer))
     if with_optimizer:
         sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=False, metadata=OPTIM_FORMAT)
     dist_checkpointing.save(sd, str(partial))

@@ -10,6 +10,11 @@ Variants (each a `meml` subprocess, as a user would run it):
   MEML-no-HSFT  MEML-GRPO without hard-example SFT
   MEML-GRPO-paper  MEML-GRPO with the mutual-learning term exactly as the paper states it (sequence-summed, full
                 weight from step 1, every pair, no strong-expert protection), whatever the recipe sets
+  DAPO-1exp     RL from MoE-SFT with DAPO (dynamic sampling, clip-higher, token-level loss, soft overlong
+                punishment) on expert0 alone: the standard remedy for zero-advantage groups, the baseline MEML must beat
+  DAPO-3exp     the same with the K experts as plain GRPO groups
+  MEML-GRPO-DS  MEML-GRPO with dynamic sampling
+                (the last three at the plain rows' rollout budget in completions: dynamic_variants)
 Extra RL variants come from ``--variant "NAME: key=value ..."`` (always run); ``--only`` runs a subset of the
 built-in rows (MoE-SFT always runs: it is every RL variant's start).
 Every RL variant sees the same problems, samples and steps (equal rollout budget). Every row is evaluated on the same
@@ -40,6 +45,26 @@ RL_VARIANTS = {
     "MEML-GRPO-paper": PAPER_MUTUAL,
 }
 SFT_VARIANTS = {"Expert0-SFT": ["algo.num_experts=1"], "MoE-SFT": []}
+DAPO = ["algo.mutual_learning=false", "hard_examples.enabled=false", "algo.advantage=grpo", "algo.policy_loss=clipped",
+        "algo.clip_low=0.2", "algo.clip_high=0.28", "algo.aggregation=token_mean", "algo.dynamic_sampling=true",
+        "algo.dynamic_sampling_on_exhausted=train"]
+"""DAPO (arXiv 2503.14476): clip-higher, token-level loss, dynamic sampling, soft overlong punishment, no KL."""
+DYNAMIC_ROWS = ("DAPO-1exp", "DAPO-3exp", "MEML-GRPO-DS")
+
+
+def dynamic_variants(base) -> dict[str, list[str]]:
+    """The dynamic-sampling rows, at the plain rows' rollout budget (completions, not steps): train.rollout_budget
+    = steps x problems x K x G of the recipe, and enough steps for refills to spend it. DAPO-1exp trains one expert
+    (expert0) on K times the questions per batch, so a generation batch has the same completions; DAPO-3exp keeps
+    the K experts as plain GRPO groups; MEML-GRPO-DS is MEML-GRPO with dynamic sampling."""
+    tr, k, g = base.train, base.algo.num_experts, base.rollout.samples_per_expert
+    budget = tr.steps * tr.problems_per_step * k * g
+    equal = [f"train.rollout_budget={budget}", f"train.steps={tr.steps * base.algo.dynamic_sampling_max_gen_batches}"]
+    overlong = [f"reward.overlong_buffer={max(1, base.rollout.max_new_tokens // 5)}", "reward.overlong_penalty=1.0"]
+    return {"DAPO-1exp": [*DAPO, *overlong, *equal, "algo.num_experts=1",
+                          f"train.problems_per_step={tr.problems_per_step * k}"],
+            "DAPO-3exp": [*DAPO, *overlong, *equal],
+            "MEML-GRPO-DS": ["algo.dynamic_sampling=true", "algo.dynamic_sampling_on_exhausted=train", *equal]}
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -104,18 +129,19 @@ def _traces(mef: Path, overrides: list[str], root: Path, recipes: str) -> list[s
 
 
 def _select_variants(riel: Path, overrides: list[str], variants: list[str], only: Optional[list[str]]):
-    """(SFT rows, RL rows) to run, each name -> overrides; every --variant's overrides are checked against the recipe
-    here, so a bad key fails before an hour of runs."""
+    """(SFT rows, RL rows) to run, each name -> overrides; every --variant's overrides (and the dynamic-sampling
+    rows') are checked against the recipe here, so a bad key fails before an hour of runs."""
+    builtin = RL_VARIANTS | dynamic_variants(load_config(riel, overrides))
     extra_rl = dict(parse_variant(text) for text in variants)
-    for extra in extra_rl.values():
-        load_config(riel, [*overrides, *extra])
+    for name in [*extra_rl, *DYNAMIC_ROWS]:
+        load_config(riel, [*overrides, *(extra_rl.get(name) or builtin[name])])
     if only:
-        unknown = sorted(set(only) - set(RL_VARIANTS) - set(SFT_VARIANTS) - set(extra_rl))
+        unknown = sorted(set(only) - set(builtin) - set(SFT_VARIANTS) - set(extra_rl))
         if unknown:
-            known = sorted(set(RL_VARIANTS) | set(SFT_VARIANTS))
+            known = sorted(set(builtin) | set(SFT_VARIANTS))
             raise ValueError(f"--only: unknown variant(s) {unknown}; known: {known} and the --variant names")
     sft = {k: v for k, v in SFT_VARIANTS.items() if not only or k in only or k == "MoE-SFT"}
-    return sft, {k: v for k, v in RL_VARIANTS.items() if not only or k in only} | extra_rl
+    return sft, {k: v for k, v in builtin.items() if not only or k in only} | extra_rl
 
 
 def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str], *,

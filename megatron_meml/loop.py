@@ -145,28 +145,34 @@ def rollout_metrics(groups: list[ExpertGroup], completions: list[Any], gen_secon
 
 def train_loop(ctx: RunContext, *, sampler: Any, store: Any, start_step: int,
                on_checkpoint: Any, evaluate: Optional[Any] = None) -> int:
-    """Steps ``start_step+1 .. train.steps``; checkpoints on cadence, at the end and when asked to stop.
-    Returns the last completed step."""
+    """Steps ``start_step+1 .. train.steps`` (fewer when train.rollout_budget is spent first); checkpoints on
+    cadence, at the end and when asked to stop. Returns the last completed step."""
     from megatron_meml.metrics import reduce_across_ranks
     from megatron_meml.run import stop_agreed
 
     cfg = ctx.cfg
     step = start_step
-    while step < cfg.train.steps:
+    while step < cfg.train.steps and not ctx.budget_spent:  # a resume after the budget was spent runs nothing
         step += 1
         t0 = time.perf_counter()
         metrics = riel_step(ctx, step, sampler, store)
         metrics.update(ctx.timers.pop())
         metrics["timing/step"] = time.perf_counter() - t0
         metrics = reduce_across_ranks(metrics)
+        ctx.completions += int(metrics["rollout/num_samples"])  # summed over ranks: the same on every rank
+        metrics["rollout/completions_total"] = float(ctx.completions)
         ctx.logger.log(step, metrics, stage="train")
         ctx.logger.progress(step, cfg.train.steps, metrics, stage="train")
         stop = stop_agreed(ctx)
-        if stop or step == cfg.train.steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
+        done = step == cfg.train.steps or ctx.budget_spent
+        if stop or done or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
             on_checkpoint(step)
-        if evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
+        if ctx.budget_spent and ctx.is_writer:
+            print(f"[train] rollout budget spent: {ctx.completions} completions >= train.rollout_budget="
+                  f"{cfg.train.rollout_budget} after step {step}", flush=True)
+        if evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0 and not done:
             evaluate(step)
-        if stop:
+        if stop or ctx.budget_spent:
             break
     return step
 

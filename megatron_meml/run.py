@@ -49,6 +49,13 @@ class RunContext:
     """Global rank (kept: an in-process vLLM engine tears the default process group down on shutdown)."""
     stop_requested: bool = False
     """Set by SIGTERM/SIGUSR1: the loop checkpoints and exits at the end of the current step."""
+    completions: int = 0
+    """RIEL completions generated so far, all ranks (train.rollout_budget); kept in checkpoints."""
+
+    @property
+    def budget_spent(self) -> bool:
+        budget = self.cfg.train.rollout_budget
+        return budget > 0 and self.completions >= budget
 
     @property
     def is_writer(self) -> bool:

@@ -126,6 +126,7 @@ def run_train(cfg: MemlConfig) -> Path:
         rs = load_checkpoint(resume, ctx.state, load_optimizer=cfg.checkpoint.load_optimizer)
         sampler.load_state_dict(rs["sampler"])
         set_rng_state(rs["rng"])
+        ctx.completions = int(rs.get("completions", 0))  # checkpoints older than train.rollout_budget lack it
         if store is not None:
             store.load(resume / "hard_examples")
             store.commit()
@@ -135,13 +136,14 @@ def run_train(cfg: MemlConfig) -> Path:
     install_stop_handler(ctx)
 
     def on_checkpoint(step: int) -> None:
-        save_checkpoint(root, step, ctx.state, {"sampler": sampler.state_dict(), "rng": rng_state()},
+        save_checkpoint(root, step, ctx.state, {"sampler": sampler.state_dict(), "rng": rng_state(),
+                                                "completions": ctx.completions},
                         store=store, keep_last=cfg.checkpoint.keep_last)
 
     last = train_loop(ctx, sampler=sampler, store=store, start_step=start, on_checkpoint=on_checkpoint,
                       evaluate=lambda s: evaluate(ctx, s))
     out = ctx.run_dir / FINAL_MODEL
-    if last >= cfg.train.steps:
+    if last >= cfg.train.steps or ctx.budget_spent:
         save_model_weights(out, ctx.state.model)
         if cfg.eval.max_problems:
             evaluate(ctx, last)

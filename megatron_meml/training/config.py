@@ -37,6 +37,10 @@ class TrainConfig:
     """Sequences per MEF step."""
     steps: int = 100
     """RIEL steps."""
+    rollout_budget: int = 0
+    """RIEL also stops (as finished: final model, evaluation) once this many completions were generated, counted
+    over all ranks and all dynamic-sampling refills; 0: train.steps alone decides. `meml compare` gives the
+    dynamic-sampling rows the plain rows' budget, so they are compared at equal generation, not equal steps."""
     sft_steps: int = 100
     """MEF steps."""
     threads: int = 0
@@ -46,7 +50,8 @@ class TrainConfig:
         for name in ("problems_per_step", "micro_batch_size", "sft_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "sft_steps", "warmup_steps", "threads", "max_tokens_per_micro_batch"):
+        for name in ("steps", "sft_steps", "warmup_steps", "threads", "max_tokens_per_micro_batch",
+                     "rollout_budget"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.sft_lr <= 0:

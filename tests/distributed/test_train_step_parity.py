@@ -223,3 +223,26 @@ def _empty_step(rank, world, tmp):
 
 def test_empty_step_changes_nothing_dp2(tmp_path):
     run_distributed(_empty_step, 2, str(tmp_path), megatron=True)
+
+
+def _checkpoint_before_any_update(rank, world, tmp):
+    """A checkpoint after steps that were all empty (dynamic sampling on a model that solves nothing, stopped by
+    its rollout budget) saves the model without optimizer state (there is none yet: Megatron's state_dict() of an
+    AdamW that never stepped fails an assertion) and resumes into a fresh optimizer."""
+    import json
+    from pathlib import Path
+
+    from megatron_meml.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_meml.training.config import TrainConfig
+    from megatron_meml.training.setup import setup_training
+
+    par = init_parallel(1, 1)
+    state = setup_training(tiny_arch(), tiny_model_config(), par, TrainConfig(grad_clip=0.0), lr=1e-2)
+    out = save_checkpoint(Path(tmp), 1, state, {"completions": 48})
+    rs = json.loads((out / "run_state.json").read_text())
+    assert rs["with_optimizer"] is False and rs["completions"] == 48
+    assert load_checkpoint(out, state)["step"] == 1
+
+
+def test_checkpoint_before_any_optimizer_step(tmp_path):
+    run_distributed(_checkpoint_before_any_update, 1, str(tmp_path), megatron=True)

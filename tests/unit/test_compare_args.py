@@ -84,3 +84,25 @@ def test_data_seed_fixes_the_problems_not_the_run():
     assert ids("seed=1", "data.seed=7") == ids("seed=2", "data.seed=7")
     assert ids("seed=1") != ids("seed=2")
     assert ids("seed=7") == ids("seed=1", "data.seed=7")
+
+
+def test_dynamic_rows_get_the_plain_rows_rollout_budget():
+    """Equal generation, not equal steps: budget = steps x problems x K x G of the recipe (toy: 30 x 8 x 3 x 8)."""
+    from megatron_meml.compare import DYNAMIC_ROWS, dynamic_variants
+    from megatron_meml.defaults import RECIPES
+
+    base = load_config(RECIPES / "embedded-default.yaml")
+    rows = dynamic_variants(base)
+    assert sorted(rows) == sorted(DYNAMIC_ROWS)
+    for name, over in rows.items():
+        cfg = load_config(RECIPES / "embedded-default.yaml", over)
+        assert cfg.algo.dynamic_sampling and cfg.train.rollout_budget == 30 * 8 * 3 * 8, name
+        assert cfg.train.steps == 30 * cfg.algo.dynamic_sampling_max_gen_batches
+        per_batch = cfg.train.problems_per_step * cfg.algo.num_experts * cfg.rollout.samples_per_expert
+        assert per_batch == 8 * 3 * 8, name  # DAPO-1exp: 1 expert on 3x the questions
+    one = load_config(RECIPES / "embedded-default.yaml", rows["DAPO-1exp"])
+    assert (one.algo.num_experts, one.algo.clip_high, one.algo.mutual_learning, one.hard_examples.enabled) == (
+        1, 0.28, False, False)
+    assert one.reward.overlong_buffer == 56 // 5
+    meml = load_config(RECIPES / "embedded-default.yaml", rows["MEML-GRPO-DS"])
+    assert meml.algo.mutual_learning and meml.hard_examples.enabled
