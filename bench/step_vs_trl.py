@@ -257,6 +257,29 @@ def phases(rec: dict) -> str:
     return "  ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in sorted(ph.items(), key=lambda kv: -kv[1]))
 
 
+def run_ours_child(side: str, rep: int, a, out: Path, extra: list[str], threads: int = 1) -> dict:
+    """One of our sides in its own subprocess; its record."""
+    js = out / f"{side}.json"
+    run_child([sys.executable, str(Path(__file__).resolve()), "--worker", side, *extra, "--steps", str(a.steps),
+               "--warmup", str(a.warmup), "--worker-json", str(js)], out / f"{side}.{rep}.log", threads=threads)
+    return json.loads(js.read_text())
+
+
+def run_rounds(sides: list[str], repeats: int, one, headline) -> dict[str, list[dict]]:
+    """``repeats`` rounds of the sides in turn (never concurrently): {side: [record per round]}, each with the load
+    average after it; one progress line per run."""
+    results: dict[str, list[dict]] = {s: [] for s in sides}
+    for rep in range(repeats):
+        for side in sides:
+            t0 = time.perf_counter()
+            rec = one(side, rep)
+            rec["load_after"] = os.getloadavg()[0]
+            results[side].append(rec)
+            print(f"[repeat {rep + 1}/{repeats}] {side}: {headline(rec)}, {time.perf_counter() - t0:.0f} s wall; "
+                  f"phases: {phases(rec)}", flush=True)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="measured steps per side")
@@ -287,21 +310,13 @@ def main() -> None:
     load = os.getloadavg()
     print(f"[conditions] {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
           f"OMP_NUM_THREADS=1, train.threads=1, sides run one after another; logs in {out}", flush=True)
-    results: dict[str, list[dict]] = {s: [] for s in sides}
-    for rep in range(a.repeats):
-        for side in sides:
-            t0 = time.perf_counter()
-            if side == "trl":
-                rec = run_trl(py, a.cache, a.steps, a.warmup, out, a.anchor)
-            else:
-                js = out / f"{side}.json"
-                run_child([sys.executable, str(Path(__file__).resolve()), "--worker", side, "--steps", str(a.steps),
-                           "--warmup", str(a.warmup), "--worker-json", str(js)], out / f"{side}.{rep}.log")
-                rec = json.loads(js.read_text())
-            rec["load_after"] = os.getloadavg()[0]
-            results[side].append(rec)
-            print(f"[repeat {rep + 1}/{a.repeats}] {side}: {rec['seconds_per_step']:.4f} s/step (median), "
-                  f"{time.perf_counter() - t0:.0f} s wall; phases: {phases(rec)}", flush=True)
+
+    def one(side: str, rep: int) -> dict:
+        if side == "trl":
+            return run_trl(py, a.cache, a.steps, a.warmup, out, a.anchor)
+        return run_ours_child(side, rep, a, out, [])
+
+    results = run_rounds(sides, a.repeats, one, lambda rec: f"{rec['seconds_per_step']:.4f} s/step (median)")
     print()
     print(table(results))
     med = {s: statistics.median(r["seconds_per_step"] for r in recs) for s, recs in results.items()}
@@ -333,23 +348,14 @@ def main_real(a) -> None:
     load = os.getloadavg()
     print(f"[conditions] real model {a.real}, {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f}, {REAL_THREADS} threads per side, sides one after another; logs in {out}", flush=True)
-    results: dict[str, list[dict]] = {s: [] for s in sides}
-    for rep in range(a.repeats):
-        for side in sides:
-            t0 = time.perf_counter()
-            if side == "trl":
-                rec = run_trl_real(py, a.real, a.steps, a.warmup, out, prompts, rep)
-            else:
-                js = out / f"{side}.json"
-                run_child([sys.executable, str(Path(__file__).resolve()), "--worker", side, "--real", a.real,
-                           "--steps", str(a.steps), "--warmup", str(a.warmup), "--worker-json", str(js)],
-                          out / f"{side}.{rep}.log", threads=REAL_THREADS)
-                rec = json.loads(js.read_text())
-            rec["load_after"] = os.getloadavg()[0]
-            results[side].append(rec)
-            print(f"[repeat {rep + 1}/{a.repeats}] {side}: {rec['seconds_per_step']:.2f} s/step (median), "
-                  f"{time.perf_counter() - t0:.0f} s wall; reward {rec['reward_mean']:.3f}; phases: {phases(rec)}",
-                  flush=True)
+
+    def one(side: str, rep: int) -> dict:
+        if side == "trl":
+            return run_trl_real(py, a.real, a.steps, a.warmup, out, prompts, rep)
+        return run_ours_child(side, rep, a, out, ["--real", a.real], threads=REAL_THREADS)
+
+    results = run_rounds(sides, a.repeats, one,
+                         lambda rec: f"{rec['seconds_per_step']:.2f} s/step (median), reward {rec['reward_mean']:.3f}")
     print()
     print(table(results))
     best = {s: min(r["seconds_per_step"] for r in recs) for s, recs in results.items()}

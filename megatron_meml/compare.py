@@ -128,10 +128,11 @@ def _traces(mef: Path, overrides: list[str], root: Path, recipes: str) -> list[s
     return trace_overrides(out)
 
 
-def _select_variants(riel: Path, overrides: list[str], variants: list[str], only: Optional[list[str]]):
+def _select_variants(riel: Path, base, overrides: list[str], variants: list[str], only: Optional[list[str]]):
     """(SFT rows, RL rows) to run, each name -> overrides; every --variant's overrides (and the dynamic-sampling
-    rows') are checked against the recipe here, so a bad key fails before an hour of runs."""
-    builtin = RL_VARIANTS | dynamic_variants(load_config(riel, overrides))
+    rows') are checked against the recipe here, so a bad key fails before an hour of runs. ``base``: the RIEL
+    recipe with ``overrides``, loaded."""
+    builtin = RL_VARIANTS | dynamic_variants(base)
     extra_rl = dict(parse_variant(text) for text in variants)
     for name in [*extra_rl, *DYNAMIC_ROWS]:
         load_config(riel, [*overrides, *(extra_rl.get(name) or builtin[name])])
@@ -152,7 +153,7 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     try:
         d, mef, riel = resolve(default, recipe_dir)
         base = load_config(riel, overrides)
-        sft_runs, rl = _select_variants(riel, overrides, variants or [], only)
+        sft_runs, rl = _select_variants(riel, base, overrides, variants or [], only)
     except (ConfigError, ValueError) as e:
         print(f"meml compare: {e}", file=sys.stderr)
         return 2
