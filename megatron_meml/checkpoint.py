@@ -1,7 +1,7 @@
 """Checkpoints: model + optimizer as a Megatron dist checkpoint (reshardable), plus the run state (step,
 sampler position, RNG states, metrics step) and the hard-example store.
 
-Layout: ``<run_dir>/checkpoints/step_0000050/{dist checkpoint files, run_state.json, hard_examples/}`` and
+Layout: ``<run_dir>/checkpoints/step_0000050/{dist checkpoint files, run_state.json, hard_examples/, rollouts_ahead/}`` and
 ``<run_dir>/checkpoints/latest`` naming the newest complete one. A checkpoint is written into ``*.partial`` and
 renamed when every rank has finished, so a crash mid-save never leaves a checkpoint that looks complete.
 """
@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_meml.atomic_file import atomic_write
 from megatron_meml.model.provider import unwrap
 from megatron_meml.training.setup import TrainState
 
@@ -25,6 +26,7 @@ OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 """Distributed-optimizer state as its DP shards (reloads at another DP size; the model weights reshard freely).
 The fully reshardable format fails to load with torch's AdamW (no apex/TE) in megatron-core 0.16.1."""
 RUN_STATE = "run_state.json"
+AHEAD_DIR = "rollouts_ahead"
 
 
 class CheckpointError(ValueError):
@@ -56,8 +58,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, state: TrainState, run_state: dict[str, Any], *, store: Any = None,
-                    keep_last: int = 2, with_optimizer: bool = True) -> Path:
-    """Collective. Returns the checkpoint directory."""
+                    keep_last: int = 2, with_optimizer: bool = True, ahead: Optional[list] = None) -> Path:
+    """Collective. Returns the checkpoint directory. ``ahead``: this rank's rollouts generated for the next steps
+    (``RolloutsAhead.state_dict``), one file per rank."""
     from megatron.core import dist_checkpointing
 
     final = root / f"step_{step:07d}"
@@ -75,6 +78,9 @@ def save_checkpoint(root: Path, step: int, state: TrainState, run_state: dict[st
     dist_checkpointing.save(sd, str(partial))
     if store is not None:
         store.save(partial / "hard_examples")
+    if ahead is not None:
+        (partial / AHEAD_DIR).mkdir(exist_ok=True)
+        atomic_write(partial / AHEAD_DIR / f"rank{_rank():05d}.json", json.dumps(ahead).encode())
     if _rank() == 0:
         rs = dict(run_state, step=step, with_optimizer=with_optimizer, adam_step=adam_step(state.optimizer))
         (partial / RUN_STATE).write_text(json.dumps(rs))
@@ -200,3 +206,15 @@ def save_model_weights(path: Path, chunks: list[Any]) -> Path:
     dist_checkpointing.save(_model_sd(chunks), str(path))
     _barrier()
     return path
+
+
+def load_ahead(path: Path, rank: int) -> list:
+    """This rank's rollouts generated ahead (``save_checkpoint(ahead=...)``); [] for a checkpoint without any."""
+    folder = path / AHEAD_DIR
+    if not folder.is_dir():
+        return []
+    f = folder / f"rank{rank:05d}.json"
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {path} holds rollouts generated ahead, but none for rank {rank} "
+                              f"(in {folder}): resume with the world size it was saved with")
+    return json.loads(f.read_text())

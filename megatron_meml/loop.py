@@ -12,6 +12,7 @@ from megatron_meml.algo.mutual import select_pairs
 from megatron_meml.batching import grpo_rows, mutual_weight, pair_rows, sft_rows, to_train_batch
 from megatron_meml.rewards.score import score
 from megatron_meml.rewards.shaping import overlong_penalty
+from megatron_meml.rollout.ahead import AheadBatch
 from megatron_meml.rollout.backend import SamplingSpec
 from megatron_meml.run import RunContext, stable_seed
 from megatron_meml.samples import riel_samples
@@ -23,7 +24,7 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
     train -> weight sync."""
     cfg, timers, experts, algo = ctx.cfg, ctx.timers, ctx.experts, ctx.cfg.algo
     n = cfg.train.problems_per_step
-    first, gen_s = generate_groups(ctx, step, sampler, n, 0)
+    first, gen_s = rollout_groups(ctx, step, sampler, n)
     if algo.dynamic_sampling:
         def refill(j: int) -> list[ExpertGroup]:
             nonlocal gen_s
@@ -37,6 +38,8 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
     else:
         dyn = DynamicBatch(kept=first, generated=first)
     groups, every = dyn.kept, dyn.generated  # GRPO rows from the kept; pairs, hard examples, metrics see every group
+    if ctx.ahead is not None:
+        submit_ahead(ctx, step, sampler, n)  # generates while this step trains
     with timers("advantages"):
         rewards_t, shaping = shaped_rewards(groups, cfg)
         qidx = torch.tensor([i // len(experts) for i in range(len(groups))])
@@ -59,9 +62,10 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
     with timers("train"):
         batch = to_train_batch(rows, ctx.pad_id, max_len=ctx.arch.max_position_embeddings)
         train_metrics = ctx.trainer.train_step(batch)
+    metrics = staleness_metrics(every, ctx.rollout.version, train_metrics, collect_ahead(ctx))
     with timers("weight_sync"):
         sync_metrics = ctx.rollout.sync()
-    metrics = rollout_metrics(every, [c for g in every for c in g.completions], gen_s, experts.ids)
+    metrics.update(rollout_metrics(every, [c for g in every for c in g.completions], gen_s, experts.ids))
     if groups:
         metrics.update(advantage_metrics(rewards_t, adv))
     metrics.update(shaping)
@@ -80,24 +84,68 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
 def generate_groups(ctx: RunContext, step: int, sampler: Any, n: int, batch: int) -> tuple[list[ExpertGroup], float]:
     """(the next ``n`` problems x K experts x G samples, scored; seconds spent generating). ``batch`` > 0: a
     dynamic-sampling refill of the same step, with its own sampling seed."""
-    cfg, timers, experts = ctx.cfg, ctx.timers, ctx.experts
-    g = cfg.rollout.samples_per_expert
-    with timers("sample"):
-        expanded = experts.expand(sampler.next_batch(n))
-    with timers("rollout"):
+    expanded, spec = draw(ctx, step, sampler, n, batch)
+    with ctx.timers("rollout"):
         t0 = time.perf_counter()
-        seed = cfg.rollout.seed if cfg.rollout.seed is not None else stable_seed(cfg.seed, step)
-        spec = SamplingSpec(n=g, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                            max_tokens=cfg.rollout.max_new_tokens, seed=stable_seed(seed, batch) if batch else seed)
         completions = ctx.rollout.generate([ids for _, _, ids in expanded], spec)
         gen_s = time.perf_counter() - t0
-    with timers("reward"):
+    return score_groups(ctx, expanded, completions), gen_s
+
+
+def draw(ctx: RunContext, step: int, sampler: Any, n: int, batch: int) -> tuple[list[Any], SamplingSpec]:
+    """The next ``n`` problems x K expert prompts, and how step ``step`` (refill ``batch``) samples them."""
+    cfg = ctx.cfg
+    with ctx.timers("sample"):
+        expanded = ctx.experts.expand(sampler.next_batch(n))
+    seed = cfg.rollout.seed if cfg.rollout.seed is not None else stable_seed(cfg.seed, step)
+    spec = SamplingSpec(n=cfg.rollout.samples_per_expert, temperature=cfg.rollout.temperature,
+                        top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_new_tokens,
+                        seed=stable_seed(seed, batch) if batch else seed)
+    return expanded, spec
+
+
+def score_groups(ctx: RunContext, expanded: list[Any], completions: list[Any]) -> list[ExpertGroup]:
+    """Verifier rewards per (problem, expert) group of G completions."""
+    cfg, g = ctx.cfg, ctx.cfg.rollout.samples_per_expert
+    with ctx.timers("reward"):
         groups = []
         for i, (problem, e, _) in enumerate(expanded):
             outs = completions[i * g:(i + 1) * g]
             rewards = [score(problem, c.text, cfg.experts.answer_format, cfg.reward).reward for c in outs]
             groups.append(ExpertGroup(problem=problem, expert=e, completions=outs, rewards=rewards))
-    return groups, gen_s
+    return groups
+
+
+def rollout_groups(ctx: RunContext, step: int, sampler: Any, n: int) -> tuple[list[ExpertGroup], float]:
+    """The step's batch: generated now (on-policy, and a run's first asynchronous step) or generated ahead."""
+    ahead = ctx.ahead.take(step) if ctx.ahead is not None else None
+    if ahead is None:
+        return generate_groups(ctx, step, sampler, n, 0)
+    return ahead.groups, ahead.seconds
+
+
+def submit_ahead(ctx: RunContext, step: int, sampler: Any, n: int) -> None:
+    """Asynchronous rollouts: draw the batches of steps up to ``step`` + max_staleness; the last one generates
+    in the background while this step trains (``collect_ahead`` ends it)."""
+    for s in ctx.ahead.missing(step, ctx.cfg.train.steps):
+        collect_ahead(ctx)  # one generation at a time: only a run's first step has more than one to draw
+        expanded, spec = draw(ctx, s, sampler, n, 0)
+        ctx.rollout.submit([ids for _, _, ids in expanded], spec, overlap=True)
+        ctx.ahead.in_flight = AheadBatch(step=s, expanded=expanded)
+
+
+def collect_ahead(ctx: RunContext) -> dict[str, float]:
+    """Wait for the batch in flight and score it; metrics: the generation seconds hidden behind the train phase."""
+    batch = ctx.ahead.in_flight if ctx.ahead is not None else None
+    if batch is None:
+        return {}
+    t0 = time.perf_counter()
+    completions, batch.seconds = ctx.rollout.collect()
+    waited = time.perf_counter() - t0
+    ctx.ahead.in_flight = None
+    batch.groups = score_groups(ctx, batch.expanded, completions)
+    ctx.ahead.add(batch)
+    return {"timing/rollout_wait": waited, "timing/rollout_overlap": max(batch.seconds - waited, 0.0)}
 
 
 def shaped_rewards(groups: list[ExpertGroup], cfg: Any) -> tuple[torch.Tensor, dict[str, float]]:
@@ -123,6 +171,19 @@ def hard_sft_examples(ctx: RunContext, examples: list[Any]) -> list[Any]:
         target = ctx.experts.gold_response(e.expert, problem, own_style=own_style)
         out.append(ctx.experts.sft_example(e.expert, problem, target))
     return out
+
+
+def staleness_metrics(groups: list[ExpertGroup], version: int, train_metrics: dict[str, float],
+                      ahead_metrics: dict[str, float]) -> dict[str, float]:
+    """rollout/staleness: mean steps between the weights that sampled a completion and those that trained on it
+    (``version``); the train/rollout mismatch under that staleness when the whole step shares one."""
+    gaps = [version - c.policy_version for g in groups for c in g.completions]
+    if not gaps:
+        return dict(ahead_metrics)
+    m = {"rollout/staleness": sum(gaps) / len(gaps), "rollout/staleness_max": float(max(gaps)), **ahead_metrics}
+    if ahead_metrics and min(gaps) == max(gaps) and "train/mismatch_abs" in train_metrics:
+        m[f"train/mismatch_abs_staleness{gaps[0]}"] = train_metrics["train/mismatch_abs"]
+    return m
 
 
 def rollout_metrics(groups: list[ExpertGroup], completions: list[Any], gen_seconds: float,

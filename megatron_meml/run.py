@@ -51,6 +51,8 @@ class RunContext:
     """Set by SIGTERM/SIGUSR1: the loop checkpoints and exits at the end of the current step."""
     completions: int = 0
     """RIEL completions generated so far, all ranks (train.rollout_budget); kept in checkpoints."""
+    ahead: Any = None
+    """RolloutsAhead: the batches generated for the next steps (rollout.max_staleness > 0); kept in checkpoints."""
 
     @property
     def budget_spent(self) -> bool:

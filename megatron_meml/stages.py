@@ -31,12 +31,13 @@ def _resume_point(cfg: MemlConfig, root: Path) -> Optional[Path]:
     return path
 
 
-def _start_rollout(ctx) -> None:
+def _start_rollout(ctx, version: int = 0) -> None:
+    """The engine on the current weights; ``version``: the optimizer steps they have had (a resumed RIEL step)."""
     from megatron_meml.rollout.distributed import DistributedRollout
 
     ctx.rollout = DistributedRollout.start(ctx.state.model, ctx.arch, ctx.experts.tokenizer, ctx.cfg.rollout,
                                            ctx.run_dir / "rollout_model", dtype=ctx.cfg.model.dtype,
-                                           seed=ctx.cfg.seed)
+                                           seed=ctx.cfg.seed, version=version)
 
 
 def _finish(ctx) -> None:
@@ -106,11 +107,13 @@ def run_train(cfg: MemlConfig) -> Path:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_meml.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_weights, set_rng_state
+    from megatron_meml.checkpoint import (load_ahead, load_checkpoint, rng_state, save_checkpoint, save_model_weights,
+                                          set_rng_state)
     from megatron_meml.data.sampler import ProblemSampler
     from megatron_meml.evaluate import evaluate
     from megatron_meml.hard_examples.store import HardExampleStore
     from megatron_meml.loop import train_loop
+    from megatron_meml.rollout.ahead import RolloutsAhead
     from megatron_meml.run import install_stop_handler, setup_run
 
     root = _run_dir(cfg) / "checkpoints"
@@ -122,23 +125,28 @@ def run_train(cfg: MemlConfig) -> Path:
         store = HardExampleStore(cfg.hard_examples, ctx.run_dir / "hard_examples", seed=cfg.seed,
                                  group=ps.get_data_parallel_group() if dist.get_world_size() > 1 else None)
     sampler = ProblemSampler(ctx.train_problems, seed=cfg.seed, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+    if cfg.rollout.max_staleness:
+        ctx.ahead = RolloutsAhead(cfg.rollout.max_staleness)
     if resume:
         rs = load_checkpoint(resume, ctx.state, load_optimizer=cfg.checkpoint.load_optimizer)
         sampler.load_state_dict(rs["sampler"])
         set_rng_state(rs["rng"])
         ctx.completions = int(rs.get("completions", 0))  # checkpoints older than train.rollout_budget lack it
+        if ctx.ahead is not None:  # this rank's batches for the next steps (absent: on-policy checkpoint)
+            ctx.ahead.load_state_dict(load_ahead(resume, ctx.rank))
         if store is not None:
             store.load(resume / "hard_examples")
             store.commit()
         if ctx.is_writer:
             print(f"[resume] from {resume} at step {start}", flush=True)
-    _start_rollout(ctx)
+    _start_rollout(ctx, version=start)
     install_stop_handler(ctx)
 
     def on_checkpoint(step: int) -> None:
         save_checkpoint(root, step, ctx.state, {"sampler": sampler.state_dict(), "rng": rng_state(),
                                                 "completions": ctx.completions},
-                        store=store, keep_last=cfg.checkpoint.keep_last)
+                        store=store, keep_last=cfg.checkpoint.keep_last,
+                        ahead=ctx.ahead.state_dict() if ctx.ahead is not None else None)
 
     last = train_loop(ctx, sampler=sampler, store=store, start_step=start, on_checkpoint=on_checkpoint,
                       evaluate=lambda s: evaluate(ctx, s))

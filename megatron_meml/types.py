@@ -49,6 +49,8 @@ class Completion:
     """Per-token sampling log-probs [R] from the engine."""
     finish_reason: str
     """stop | length."""
+    policy_version: int = 0
+    """Version of the weights that sampled it: the optimizer steps applied to them (``rollout.max_staleness``)."""
 
 
 @dataclass(kw_only=True)

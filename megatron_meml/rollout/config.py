@@ -39,6 +39,9 @@ class RolloutConfig:
     """Weight-sync bucket size."""
     seed: Optional[int] = None
     """Sampling seed; None: derived from the run seed and step."""
+    max_staleness: int = 0
+    """Asynchronous off-policy rollouts: step t trains on samples drawn by the weights of step t - N, generated while
+    step t - 1 trained (0: on-policy, generate then train). The loss corrects with the behaviour log-probs (TIS)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -50,6 +53,8 @@ class RolloutConfig:
         if self.max_prompt_tokens < 1 or self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_prompt_tokens and rollout.max_new_tokens must be >= 1, got "
                              f"{self.max_prompt_tokens} and {self.max_new_tokens}")
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.temperature < 0:
             raise ValueError(f"rollout.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

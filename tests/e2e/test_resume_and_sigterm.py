@@ -3,6 +3,8 @@
 * An interrupted run resumed from its last checkpoint logs the same per-step metrics as an uninterrupted one
   (bit-exact on CPU: same weights, optimizer state, sampler position, hard store and per-step engine seed).
 * SIGTERM (what SLURM sends before preemption) makes the run checkpoint at the end of its step and exit 0.
+* The same holds for asynchronous rollouts (rollout.max_staleness=1) preempted by SIGTERM: the batch generated
+  ahead is checkpointed and trained on after the resume.
 """
 from __future__ import annotations
 
@@ -58,9 +60,8 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
     assert all(a[s]["train/mismatch_abs"] > 0 for s in (3, 4))  # GRPO rows with engine log-probs were trained
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
-    cmd = [sys.executable, "-m", "megatron_meml.cli", "train", str(RECIPE), *SMALL, f"output_dir={tmp_path}",
-           "run_name=preempted", "train.steps=200", "checkpoint.save_every=0"]
+def _preempt_after_first_step(cmd: list[str]) -> str:
+    """Run ``cmd``, send SIGTERM once its first step is logged, return its output (asserting a clean exit 0)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen = []
@@ -73,8 +74,45 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, "".join(seen)[-2000:] + rest[-3000:]
+    return "".join(seen) + rest
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "megatron_meml.cli", "train", str(RECIPE), *SMALL, f"output_dir={tmp_path}",
+           "run_name=preempted", "train.steps=200", "checkpoint.save_every=0"]
+    _preempt_after_first_step(cmd)
     ckpt_root = tmp_path / "preempted" / "checkpoints"
     latest = (ckpt_root / "latest").read_text().strip()
     state = json.loads((ckpt_root / latest / "run_state.json").read_text())
     assert 1 <= state["step"] < 200 and state["with_optimizer"]
     assert not list(ckpt_root.glob("*.partial"))
+
+
+def test_asynchronous_run_preempted_and_resumed_matches_uninterrupted(tmp_path):
+    """rollout.max_staleness=1: the batch generated ahead at preemption time is in the checkpoint, and the resumed
+    run trains on it, so every later step matches the uninterrupted run."""
+    common = ["train", str(RECIPE), *SMALL, f"output_dir={tmp_path}", "rollout.max_staleness=1", "train.steps=4",
+              "checkpoint.save_every=0"]
+    full = _meml(*common, "run_name=full", out=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    a = _train_metrics(tmp_path / "full")
+    assert sorted(a) == [1, 2, 3, 4]
+    assert a[1]["rollout/staleness"] == 0 and all(a[s]["rollout/staleness"] == 1 for s in (2, 3, 4))
+    assert all(a[s]["timing/rollout_overlap"] >= 0 and "train/mismatch_abs_staleness1" in a[s] for s in (2, 3))
+    assert "timing/rollout_overlap" not in a[4]  # the last step generates nothing ahead
+
+    _preempt_after_first_step([sys.executable, "-m", "megatron_meml.cli", *common, "run_name=resumed"])
+    ckpt_root = tmp_path / "resumed" / "checkpoints"
+    latest = ckpt_root / (ckpt_root / "latest").read_text().strip()
+    stopped = json.loads((latest / "run_state.json").read_text())["step"]
+    assert 1 <= stopped < 4
+    ahead = json.loads((latest / "rollouts_ahead" / "rank00000.json").read_text())
+    assert [row["step"] for row in ahead] == [stopped + 1]
+    rest = _meml(*common, "run_name=resumed", out=tmp_path)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    b = _train_metrics(tmp_path / "resumed")
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in range(stopped + 1, 5):
+        for key in COMPARED + ("rollout/staleness",):
+            if key in a[step] or key in b[step]:
+                assert a[step].get(key) == b[step].get(key), (step, key, a[step].get(key), b[step].get(key))
