@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("timing/step", "timing/rollout", "timing/train", "timing/rollout_wait", "timing/rollout_overlap",
+PHASES = ("timing/step", "timing/rollout", "timing/train", "timing/rollout_wait", "rollout/overlap_seconds",
           "timing/weight_sync")
 
 

@@ -145,7 +145,7 @@ def collect_ahead(ctx: RunContext) -> dict[str, float]:
     ctx.ahead.in_flight = None
     batch.groups = score_groups(ctx, batch.expanded, completions)
     ctx.ahead.add(batch)
-    return {"timing/rollout_wait": waited, "timing/rollout_overlap": max(batch.seconds - waited, 0.0)}
+    return {"timing/rollout_wait": waited, "rollout/overlap_seconds": max(batch.seconds - waited, 0.0)}
 
 
 def shaped_rewards(groups: list[ExpertGroup], cfg: Any) -> tuple[torch.Tensor, dict[str, float]]:
