@@ -102,7 +102,7 @@ def test_asynchronous_run_preempted_and_resumed_matches_uninterrupted(tmp_path):
     """rollout.max_staleness=1: the batch generated ahead at preemption time is in the checkpoint, and the resumed
     run trains on it, so every later step matches the uninterrupted run."""
     common = ["train", str(RECIPE), *SMALL, f"output_dir={tmp_path}", "rollout.max_staleness=1", "train.steps=4",
-              "checkpoint.save_every=0"]
+              "checkpoint.save_every=0", "logging.samples_per_step=1000"]  # every completion, with its problem id
     full = _meml(*common, "run_name=full", out=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     a = _train_metrics(tmp_path / "full")
@@ -126,3 +126,17 @@ def test_asynchronous_run_preempted_and_resumed_matches_uninterrupted(tmp_path):
         for key in COMPARED + ("rollout/staleness",):
             if key in a[step] or key in b[step]:
                 assert a[step].get(key) == b[step].get(key), (step, key, a[step].get(key), b[step].get(key))
+    # no prompt lost or repeated: the same problems at every step, and no problem at two steps
+    ids_a, ids_b = _trained_problems(tmp_path / "full"), _trained_problems(tmp_path / "resumed")
+    assert ids_a == ids_b and sorted(ids_a) == [1, 2, 3, 4]
+    every = [p for step in ids_a.values() for p in step]
+    assert len(every) == len(set(every)) == 4 * 2  # train.problems_per_step=2
+
+
+def _trained_problems(run_dir: Path) -> dict[int, set]:
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
+    out: dict[int, set] = {}
+    for r in rows:
+        if r["stage"] == "train":
+            out.setdefault(r["step"], set()).add(r["problem_id"])
+    return out
