@@ -10,6 +10,7 @@ Variants (each a `meml` subprocess, as a user would run it):
   MEML-no-HSFT  MEML-GRPO without hard-example SFT
   MEML-GRPO-paper  MEML-GRPO with the mutual-learning term exactly as the paper states it (sequence-summed, full
                 weight from step 1, every pair, no strong-expert protection), whatever the recipe sets
+  MEML-GRPO-async  MEML-GRPO with asynchronous rollouts one step off-policy (rollout.max_staleness=1)
   DAPO-1exp     RL from MoE-SFT with DAPO (dynamic sampling, clip-higher, token-level loss, soft overlong
                 punishment) on expert0 alone: the standard remedy for zero-advantage groups, the baseline MEML must beat
   DAPO-3exp     the same with the K experts as plain GRPO groups
@@ -43,6 +44,7 @@ RL_VARIANTS = {
     "MEML-no-IML": ["algo.mutual_learning=false"],
     "MEML-no-HSFT": ["hard_examples.enabled=false"],
     "MEML-GRPO-paper": PAPER_MUTUAL,
+    "MEML-GRPO-async": ["rollout.max_staleness=1"],
 }
 SFT_VARIANTS = {"Expert0-SFT": ["algo.num_experts=1"], "MoE-SFT": []}
 DAPO = ["algo.mutual_learning=false", "hard_examples.enabled=false", "algo.advantage=grpo", "algo.policy_loss=clipped",

@@ -25,6 +25,12 @@ def test_paper_variant_resets_every_mutual_lever():
     assert RL_VARIANTS["MEML-GRPO-paper"] == PAPER_MUTUAL
 
 
+def test_async_variant_is_meml_one_step_off_policy():
+    cfg = load_config(None, RL_VARIANTS["MEML-GRPO-async"])
+    default = load_config(None, [])
+    assert cfg.rollout.max_staleness == 1 and cfg.algo == default.algo and cfg.train == default.train
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"variants": ["X: algo.no_such_key=1"]}, "no_such_key"),
     ({"only": ["MEML-GRPO", "Nope"]}, "--only: unknown variant(s) ['Nope']"),
