@@ -208,7 +208,7 @@ def train_loop(ctx: RunContext, *, sampler: Any, store: Any, start_step: int,
                on_checkpoint: Any, evaluate: Optional[Any] = None) -> int:
     """Steps ``start_step+1 .. train.steps`` (fewer when train.rollout_budget is spent first); checkpoints on
     cadence, at the end and when asked to stop. Returns the last completed step."""
-    from megatron_meml.metrics import reduce_across_ranks
+    from megatron_meml.metrics import memory_metrics, reduce_across_ranks
     from megatron_meml.run import stop_agreed
 
     cfg = ctx.cfg
@@ -219,6 +219,7 @@ def train_loop(ctx: RunContext, *, sampler: Any, store: Any, start_step: int,
         metrics = riel_step(ctx, step, sampler, store)
         metrics.update(ctx.timers.pop())
         metrics["timing/step"] = time.perf_counter() - t0
+        metrics.update(memory_metrics())
         metrics = reduce_across_ranks(metrics)
         ctx.completions += int(metrics["rollout/num_samples"])  # summed over ranks: the same on every rank
         metrics["rollout/completions_total"] = float(ctx.completions)

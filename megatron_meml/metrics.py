@@ -1,7 +1,7 @@
 """Metric sinks (JSONL, TensorBoard, Weights & Biases), progress lines, phase timers, and the cross-rank reductions.
 
 Metric names are namespaced (``rollout/``, ``reward/``, ``train/``, ``expert/<id>/``, ``hard/``, ``timing/``,
-``weight_sync/``, ``eval/``); :data:`REDUCTIONS` holds the one rule by which each is combined across ranks.
+``weight_sync/``, ``memory/``, ``eval/``); :data:`REDUCTIONS` holds the one rule by which each is combined across ranks.
 
 Where each metric goes, for ``logger.log(step, metrics, stage=...)``:
 
@@ -60,6 +60,8 @@ REDUCTIONS: dict[str, str] = {
     "timing/": "max",
     "weight_sync/": "max",
     "weight_sync/bytes": "sum",
+    # Peak memory: the largest rank's.
+    "memory/": "max",
     # Accuracy over equal-sized eval shards; counts add up.
     "eval/": "mean",
     "eval/num_problems": "sum",
@@ -131,6 +133,20 @@ def _as_float(name: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"metric '{name}' must be a number, got {type(value).__name__}: {value!r}") from None
+
+
+def memory_metrics() -> dict[str, float]:
+    """memory/peak_rss_gb: this process's peak resident memory so far (GiB; with one rank it includes the
+    in-process rollout engine); memory/gpu_peak_allocated_gb and memory/gpu_peak_reserved_gb with CUDA."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    m = {"memory/peak_rss_gb": peak / (2**30 if sys.platform == "darwin" else 2**20)}
+    if torch.cuda.is_available():
+        m["memory/gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        m["memory/gpu_peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+    return m
 
 
 # ------------------------------------------------------------------------------------------------------ timers

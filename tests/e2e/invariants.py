@@ -22,6 +22,8 @@ def check_step(r: dict, *, samples: int, experts: tuple[str, ...], capacity: int
         if isinstance(v, float):
             assert math.isfinite(v), (k, v)
     assert 0.0 <= r["reward/mean"] <= 1.0
+    assert 0.1 < r["memory/peak_rss_gb"] < 64  # measured, and in GiB (not KiB or bytes)
+    assert r["rollout/staleness"] == 0  # on-policy unless rollout.max_staleness is set
     for eid in experts:
         assert 0.0 <= r[f"expert/{eid}/reward_mean"] <= 1.0
     assert r["hard/size"] <= capacity

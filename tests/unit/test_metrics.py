@@ -242,3 +242,22 @@ def test_reduce_without_a_process_group_checks_rules_and_returns_floats():
                                                                                        "reward/mean": 0.5}
     with pytest.raises(KeyError, match="'bogus'"):
         reduce_across_ranks({"bogus": 1.0})
+
+
+def test_memory_metrics_track_the_peak_resident_set():
+    import os
+
+    import torch
+
+    from megatron_meml.metrics import memory_metrics, reduction_for
+
+    before = memory_metrics()["memory/peak_rss_gb"]
+    with open("/proc/self/statm") as f:
+        rss_now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    extra = max(before - rss_now, 0.0) + 0.25  # enough to lift the peak by 0.25 GiB wherever it stood
+    block = torch.ones(int(extra * 2**30) // 4, dtype=torch.float32)  # every page touched
+    after = memory_metrics()["memory/peak_rss_gb"]
+    del block
+    assert after >= before + 0.2, (before, rss_now, after)
+    assert memory_metrics()["memory/peak_rss_gb"] >= after  # a peak never falls
+    assert reduction_for("memory/peak_rss_gb") == "max"
