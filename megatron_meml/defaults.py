@@ -33,6 +33,9 @@ DEFAULTS = {
                            what="a 0.6M-parameter model trained from scratch on character-level arithmetic"),
     "smollm2": EmbeddedDefault(name="smollm2", mef="smollm2-wordmath-mef.yaml", riel="smollm2-wordmath.yaml",
                                traces=True, what="SmolLM2-135M-Instruct (pretrained, from PyPI) on word arithmetic"),
+    "smollm2-sparse": EmbeddedDefault(
+        name="smollm2-sparse", mef="smollm2-wordmath-sparse-mef.yaml", riel="smollm2-wordmath-sparse.yaml",
+        traces=True, what="the same model, MEF on levels 1-4 and RL on the multi-step levels 5-7 (sparse rewards)"),
 }
 
 

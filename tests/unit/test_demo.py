@@ -48,7 +48,7 @@ def test_unknown_default_and_missing_fragment(tmp_path):
         resolve("nope", None)
     with pytest.raises(FileNotFoundError, match="did `meml traces` finish"):
         trace_overrides(tmp_path)
-    assert set(DEFAULTS) == {"toy", "smollm2"}
+    assert set(DEFAULTS) == {"toy", "smollm2", "smollm2-sparse"}
 
 
 def test_before_after_table(tmp_path):
@@ -67,3 +67,17 @@ def test_before_after_table(tmp_path):
     assert "100 problems" in table
     assert "| base | 0.200 (0.210) | 0.050 |" in table
     assert "| after RIEL | 0.860 (0.870) | 0.840 |" in table
+
+
+def test_sparse_real_default_keeps_rl_levels_out_of_mef():
+    """The sparse default's point: RL trains and is judged on levels MEF never saw (so its rewards start sparse),
+    on the same model, traces and RL settings as the plain real-model default."""
+    from megatron_meml.config import load_config
+
+    _, mef, riel = resolve("smollm2-sparse", None)
+    _, _, plain = resolve("smollm2", None)
+    m, r, p = load_config(mef, []), load_config(riel, []), load_config(plain, [])
+    assert set(m.data.synthetic_levels).isdisjoint(r.data.synthetic_levels) and max(m.data.synthetic_levels) < min(
+        r.data.synthetic_levels)
+    assert DEFAULTS["smollm2-sparse"].traces and m.traces == load_config(resolve("smollm2", None)[1], []).traces
+    assert (r.model, r.rollout, r.algo, r.train) == (p.model, p.rollout, p.algo, p.train)
