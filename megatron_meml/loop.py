@@ -40,6 +40,8 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
     groups, every = dyn.kept, dyn.generated  # GRPO rows from the kept; pairs, hard examples, metrics see every group
     if ctx.ahead is not None:
         submit_ahead(ctx, step, sampler, n)  # generates while this step trains
+    else:
+        ctx.rollout.sleep()  # the engine's GPU memory goes to the train phase until the weight sync wakes it
     with timers("advantages"):
         rewards_t, shaping = shaped_rewards(groups, cfg)
         qidx = torch.tensor([i // len(experts) for i in range(len(groups))])

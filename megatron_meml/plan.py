@@ -418,7 +418,7 @@ def stage_memory(cfg, arch: ArchSpec, dp: int, stage: int, microbatches: int, gp
         "vllm": int(ro.gpu_memory_utilization * gpu_mem * GiB) if ro.backend == "vllm" else 0,
     }
     resident = sum(rows[k] for k in ("weights", "grads", "optimizer", "fp8_cache", "reference", "runtime"))
-    asleep = ro.sleep_between_steps
+    asleep = ro.sleep_between_steps and ro.max_staleness == 0  # asynchronous rollouts generate during training
     train_peak = resident + rows["activations"] + rows["logits"] + (0 if asleep else rows["vllm"])
     return StageMemory(stage=stage, params=rs.params, buffer_numel=rs.buffer_numel, optim_numel=max(rs.shards),
                        rows=rows,

@@ -96,9 +96,19 @@ class DistributedRollout:
         by_dp, seconds = box[0]
         return by_dp[job.dp], seconds
 
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for the train phase (vLLM sleep mode; a no-op on CPU and when
+        rollout.sleep_between_steps is off). ``sync`` wakes it."""
+        if self._job is not None:
+            raise RuntimeError("rollout: sleep() while a generation is in flight")
+        if self.engine is not None:
+            self.engine.sleep()
+
     def sync(self) -> dict[str, float]:
         if self._job is not None:
             raise RuntimeError("rollout: weight sync while a generation is in flight; collect() it first")
+        if self.engine is not None:
+            self.engine.wake()  # the new weights load into a woken engine
         metrics = sync_weights(self.engine, self.chunks, self.arch, bucket_mb=self.bucket_mb, dtype=self.dtype)
         self.version += 1
         return metrics

@@ -148,3 +148,14 @@ def test_packed_micro_batches_in_the_plan():
     assert packed.microbatches == -(-per_rank * 3072 // 6144)
     ratio = 6144 / (3072 * rows.train.micro_batch_size)
     assert packed.stages[3].rows["activations"] == pytest.approx(padded.stages[3].rows["activations"] * ratio)
+
+
+def test_asynchronous_rollouts_keep_the_engine_awake_during_training():
+    """With sleep mode the engine's share is freed for the train phase; asynchronous rollouts generate during
+    training, so that share counts in the train peak."""
+    layout = Layout(nodes=8, gpus_per_node=8)
+    on_policy = plan(load_config(RECIPE_70B, ["rollout.sleep_between_steps=true"]), layout)
+    ahead = plan(load_config(RECIPE_70B, ["rollout.sleep_between_steps=true", "rollout.max_staleness=1"]), layout)
+    for a, b in zip(on_policy.stages, ahead.stages):
+        assert b.train_peak == a.train_peak + a.rows["vllm"] and a.rows["vllm"] > 0
+        assert b.rollout_peak == a.rollout_peak
