@@ -21,7 +21,8 @@ from megatron_meml.types import ExpertGroup
 
 def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str, float]:
     """Sample -> rollout -> reward (-> refill, dynamic sampling) -> advantages -> mutual pairs -> hard examples ->
-    train -> weight sync."""
+    train -> weight sync. Asynchronous (rollout.max_staleness > 0): the step's batch was generated ahead, and the
+    batch of a later step generates while this one trains."""
     cfg, timers, experts, algo = ctx.cfg, ctx.timers, ctx.experts, ctx.cfg.algo
     n = cfg.train.problems_per_step
     first, gen_s = rollout_groups(ctx, step, sampler, n)
