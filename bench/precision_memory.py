@@ -1,0 +1,107 @@
+"""Train/rollout log-prob mismatch and peak memory of the trainer and the engine, by dtype, on the real model.
+
+Runs the same short `meml train` (recipes/smollm2-wordmath.yaml unless --recipe; the engine in its own process so
+the two are measured apart) once per dtype, one after another, and prints per dtype: the trainer process's and the
+engine processes' peak resident memory (polled from /proc, every process of the run's tree), the trainer's own
+``memory/peak_rss_gb``, and the mean ``train/mismatch_abs`` (mean |log p_trainer - log p_engine| over the GRPO
+tokens) and ``train/mismatch_k3`` over the steps. Memory and mismatch do not depend on machine load, timings do.
+
+    .venv/bin/python bench/precision_memory.py                      # fp32 and bf16, 2 steps, 1 problem per step
+    .venv/bin/python bench/precision_memory.py --set model.megatron_path=runs/.../final_model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and every descendant process (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _rss_gib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def run(recipe: str, dtype: str, steps: int, threads: int, extra: list[str], out: Path) -> dict:
+    name = f"{dtype}"
+    cmd = [sys.executable, "-m", "megatron_meml.cli", "train", recipe, f"model.dtype={dtype}", f"train.steps={steps}",
+           f"train.threads={threads}", "rollout.engine_mode=multiprocess", "checkpoint.save_every=0",
+           "eval.max_problems=0", "logging.tensorboard=false", "logging.progress=line", "train.problems_per_step=1",
+           "algo.policy_loss=clipped", "algo.advantage=grpo", f"output_dir={out}", f"run_name={name}", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    peak = {"trainer": 0.0, "engine": 0.0}
+    with open(out / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            pids = _tree(proc.pid)
+            peak["trainer"] = max(peak["trainer"], _rss_gib(proc.pid))
+            peak["engine"] = max(peak["engine"], sum(_rss_gib(p) for p in pids if p != proc.pid))
+            time.sleep(0.5)
+    if proc.returncode:
+        raise SystemExit(f"{dtype} run failed (exit {proc.returncode}); see {out / name}.log")
+    rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [r for r in rows if r["stage"] == "train"]
+    mean = lambda k: statistics.mean(r[k] for r in train if k in r) if any(k in r for r in train) else float("nan")
+    return {"dtype": dtype, "trainer_peak_gib": peak["trainer"], "engine_peak_gib": peak["engine"],
+            "trainer_metric_gib": max(r.get("memory/peak_rss_gb", 0.0) for r in train),
+            "mismatch_abs": mean("train/mismatch_abs"), "mismatch_k3": mean("train/mismatch_k3"),
+            "seconds_per_step": mean("timing/step"), "rows": mean("rollout/train_rows")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-wordmath.yaml"))
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
+    a = ap.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="meml-precision-"))
+    recs = []
+    for dt in a.dtypes.split(","):
+        recs.append(run(a.recipe, dt, a.steps, a.threads, a.set, out))
+        print(f"[bench] {dt}: {json.dumps(recs[-1])}", flush=True)  # each side as it ends (a run may be cut short)
+    print(f"\n{a.recipe}, {a.steps} steps, engine in its own process, {a.threads} threads; logs in {out}")
+    print("| dtype | trainer peak RSS GiB | engine peak RSS GiB | memory/peak_rss_gb | train/mismatch_abs | "
+          "train/mismatch_k3 | GRPO rows/step | s/step (load-dependent) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in recs:
+        print(f"| {r['dtype']} | {r['trainer_peak_gib']:.2f} | {r['engine_peak_gib']:.2f} | "
+              f"{r['trainer_metric_gib']:.2f} | {r['mismatch_abs']:.2e} | {r['mismatch_k3']:.2e} | {r['rows']:.0f} | "
+              f"{r['seconds_per_step']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
