@@ -294,4 +294,6 @@ def synthetic_expert_set(cfg: ExpertsConfig, num_experts: int) -> ExpertSet:
     from megatron_meml.data.charset import synthetic_tokenizer
 
     experts = load_experts(cfg, num_experts)
-    return ExpertSet(experts, synthetic_tokenizer(vocab_texts(experts, cfg)), cfg)
+    # the vocabulary covers every configured expert, not only the active ones: a 1-expert RL run from a K-expert MEF
+    # model (DAPO-1exp) must read the same token ids the model was trained on
+    return ExpertSet(experts, synthetic_tokenizer(vocab_texts(load_experts(cfg, len(cfg.ids)), cfg)), cfg)

@@ -155,3 +155,16 @@ def test_teacher_trace_rows_are_validated(tmp_path):
     path.write_text('{"id": "a", "response": "x"}\n{"id": "a", "response": "y"}\n')
     with pytest.raises(DataError, match="line 2: field 'id': duplicate id 'a'"):
         load_teacher_traces(path)
+
+
+def test_synthetic_vocabulary_does_not_depend_on_how_many_experts_are_active():
+    """A 1-expert RL run from a K-expert MEF model (meml compare's DAPO-1exp) must tokenize expert0's prompt and the
+    questions into the ids the model was trained on; before, the character vocabulary was built from the active
+    experts only, so every id shifted and the run started from garbage (toy reward 0.002 instead of 0.11)."""
+    cfg = ExpertsConfig()
+    one, three = synthetic_expert_set(cfg, 1), synthetic_expert_set(cfg, 3)
+    assert len(one.tokenizer) == len(three.tokenizer)
+    text = one.experts[0].prompt + "12+34=46"
+    assert one.tokenizer.encode(text) == three.tokenizer.encode(text)
+    problem = Problem(id="p", question="12+34", answer="46")
+    assert one.expand([problem])[0][2] == three.expand([problem])[0][2]
