@@ -127,3 +127,37 @@ def test_sdpa_never_holds_the_score_matrix(megatron_gpu):
     peak_local, peak_sdpa = _peak_mib(local, tokens), _peak_mib(sdpa, tokens)
     probs_mib = 2 * b * heads * s * s * 2 / 2**20  # two layers of bf16 probabilities
     assert peak_local - peak_sdpa >= probs_mib, (peak_local, peak_sdpa, probs_mib)
+
+
+def test_packed_sequences_attend_within_themselves_on_cuda(megatron_gpu):
+    """THD packed rows on CUDA (the layout train.max_tokens_per_micro_batch trains with): each sequence's output and
+    input gradients equal its own unpacked causal attention (fp32, atol 1e-5), on the fused kernels."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_meml.model.arch import arch_from_model_config
+    from megatron_meml.model.config import ModelConfig
+    from megatron_meml.model.provider import transformer_config
+    from megatron_meml.model.sdpa_attention import SDPAttention
+
+    cfg = ModelConfig(**SHAPE, layer_spec="sdpa", dtype="fp32")
+    attn = SDPAttention(transformer_config(arch_from_model_config(cfg), cfg, megatron_gpu), 1, AttnMaskType.causal,
+                        "self").cuda()
+    lens = [37, 1, 130, 64]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    n = int(cu[-1])
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lens),
+                             max_seqlen_kv=max(lens))
+    g = torch.Generator().manual_seed(3)
+    q0, k0, v0 = (torch.randn(n, h, 32, generator=g).cuda() for h in (8, 2, 2))
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    packed = attn(q, k, v, None, packed_seq_params=params)
+    weights = torch.linspace(-1, 1, packed.numel(), device="cuda").view_as(packed)
+    (packed * weights).sum().backward()
+    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        qs, ks, vs = (t[a:b].clone()[:, None].requires_grad_() for t in (q0, k0, v0))
+        alone = attn(qs, ks, vs, None)[:, 0]
+        torch.testing.assert_close(packed[a:b].detach(), alone.detach(), atol=1e-5, rtol=0)
+        (alone * weights[a:b]).sum().backward()
+        for got, want in zip((q.grad, k.grad, v.grad), (qs.grad, ks.grad, vs.grad)):
+            torch.testing.assert_close(got[a:b], want[:, 0], atol=1e-5, rtol=0)
