@@ -2,7 +2,8 @@
 
 Runs the same short `meml train` (recipes/smollm2-wordmath.yaml unless --recipe; the engine in its own process so
 the two are measured apart) once per dtype, one after another, and prints per dtype: the trainer process's and the
-engine process's peak proportional resident memory (PSS, polled from /proc), the trainer's own
+engine processes' (EngineCore, Worker, transient compile workers) proportional resident memory (PSS, polled
+from /proc: peak and median), the trainer's own
 ``memory/peak_rss_gb``, and the mean ``train/mismatch_abs`` (mean |log p_trainer - log p_engine| over the GRPO
 tokens) and ``train/mismatch_k3`` over the steps. Memory and mismatch do not depend on machine load, timings do.
 
@@ -63,14 +64,16 @@ def run(recipe: str, dtype: str, steps: int, threads: int, extra: list[str], out
            "eval.max_problems=0", "logging.tensorboard=false", "logging.progress=line", "train.problems_per_step=1",
            "algo.policy_loss=clipped", "algo.advantage=grpo", f"output_dir={out}", f"run_name={name}", *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    peak = {"trainer": 0.0, "engine": 0.0, "others": 0.0}
+    peak = {"trainer": 0.0, "engine": 0.0}
+    engine_samples: list[float] = []
     with open(out / f"{name}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            kids = sorted((_pss_gib(p) for p in _tree(proc.pid) if p != proc.pid), reverse=True)
+            # every child: vLLM's EngineCore, its Worker (the model runner), transient compile workers
+            engine = sum(_pss_gib(p) for p in _tree(proc.pid) if p != proc.pid)
             peak["trainer"] = max(peak["trainer"], _pss_gib(proc.pid))
-            peak["engine"] = max(peak["engine"], kids[0] if kids else 0.0)  # vLLM's engine core, the largest child
-            peak["others"] = max(peak["others"], sum(kids[1:]))  # compile workers, resource tracker
+            peak["engine"] = max(peak["engine"], engine)
+            engine_samples.append(engine)
             time.sleep(0.5)
     if proc.returncode:
         raise SystemExit(f"{dtype} run failed (exit {proc.returncode}); see {out / name}.log")
@@ -78,7 +81,7 @@ def run(recipe: str, dtype: str, steps: int, threads: int, extra: list[str], out
     train = [r for r in rows if r["stage"] == "train"]
     mean = lambda k: statistics.mean(r[k] for r in train if k in r) if any(k in r for r in train) else float("nan")
     return {"dtype": dtype, "trainer_peak_gib": peak["trainer"], "engine_peak_gib": peak["engine"],
-            "other_children_peak_gib": peak["others"],
+            "engine_median_gib": statistics.median(engine_samples) if engine_samples else 0.0,
             "trainer_metric_gib": max(r.get("memory/peak_rss_gb", 0.0) for r in train),
             "mismatch_abs": mean("train/mismatch_abs"), "mismatch_k3": mean("train/mismatch_k3"),
             "seconds_per_step": mean("timing/step"), "rows": mean("rollout/train_rows")}
@@ -98,12 +101,12 @@ def main() -> None:
         recs.append(run(a.recipe, dt, a.steps, a.threads, a.set, out))
         print(f"[bench] {dt}: {json.dumps(recs[-1])}", flush=True)  # each side as it ends (a run may be cut short)
     print(f"\n{a.recipe}, {a.steps} steps, engine in its own process, {a.threads} threads; logs in {out}")
-    print("| dtype | trainer peak PSS GiB | engine peak PSS GiB | other children GiB | memory/peak_rss_gb | "
+    print("| dtype | trainer peak PSS GiB | engine processes peak PSS GiB | engine median GiB | memory/peak_rss_gb | "
           "train/mismatch_abs | train/mismatch_k3 | GRPO rows/step | s/step (load-dependent) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in recs:
         print(f"| {r['dtype']} | {r['trainer_peak_gib']:.2f} | {r['engine_peak_gib']:.2f} | "
-              f"{r['other_children_peak_gib']:.2f} | "
+              f"{r['engine_median_gib']:.2f} | "
               f"{r['trainer_metric_gib']:.2f} | {r['mismatch_abs']:.2e} | {r['mismatch_k3']:.2e} | {r['rows']:.0f} | "
               f"{r['seconds_per_step']:.1f} |")
 
