@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def run_side(recipe: str, staleness: int, steps: int, threads: int, extra: list[
     if proc.returncode:
         raise SystemExit(f"side max_staleness={staleness} failed (exit {proc.returncode}); see {out / name}.log")
     rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    shutil.rmtree(out / name)  # the run's checkpoint and engine copy of the model (GBs on a real model); logs stay
     train = [r for r in rows if r["stage"] == "train" and r["step"] >= 2]
     return {k: [r[k] for r in train if k in r] for k in PHASES} | {
         "staleness": [r.get("rollout/staleness", 0.0) for r in train]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def run(recipe: str, dtype: str, steps: int, threads: int, extra: list[str], out
     if proc.returncode:
         raise SystemExit(f"{dtype} run failed (exit {proc.returncode}); see {out / name}.log")
     rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    shutil.rmtree(out / name)  # the run's checkpoint and engine copy of the model (GBs on a real model); logs stay
     train = [r for r in rows if r["stage"] == "train"]
     mean = lambda k: statistics.mean(r[k] for r in train if k in r) if any(k in r for r in train) else float("nan")
     return {"dtype": dtype, "trainer_peak_gib": peak["trainer"], "engine_peak_gib": peak["engine"],
