@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("timing/step", "timing/rollout", "timing/train", "timing/rollout_wait", "rollout/overlap_seconds",
-          "timing/weight_sync")
+          "timing/weight_sync", "rollout/train_rows", "rollout/tokens")
 
 
 def run_side(recipe: str, staleness: int, steps: int, threads: int, extra: list[str], out: Path, rep: int) -> dict:
