@@ -65,7 +65,8 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
     with timers("train"):
         batch = to_train_batch(rows, ctx.pad_id, max_len=ctx.arch.max_position_embeddings)
         train_metrics = ctx.trainer.train_step(batch)
-    metrics = staleness_metrics(every, ctx.rollout.version, train_metrics, collect_ahead(ctx))
+    metrics = staleness_metrics(every, ctx.rollout.version, train_metrics, collect_ahead(ctx),
+                                asynchronous=ctx.ahead is not None)
     with timers("weight_sync"):
         sync_metrics = ctx.rollout.sync()
     metrics.update(rollout_metrics(every, [c for g in every for c in g.completions], gen_s, experts.ids))
@@ -177,14 +178,14 @@ def hard_sft_examples(ctx: RunContext, examples: list[Any]) -> list[Any]:
 
 
 def staleness_metrics(groups: list[ExpertGroup], version: int, train_metrics: dict[str, float],
-                      ahead_metrics: dict[str, float]) -> dict[str, float]:
+                      ahead_metrics: dict[str, float], *, asynchronous: bool) -> dict[str, float]:
     """rollout/staleness: mean steps between the weights that sampled a completion and those that trained on it
     (``version``); the train/rollout mismatch under that staleness when the whole step shares one."""
     gaps = [version - c.policy_version for g in groups for c in g.completions]
     if not gaps:
         return dict(ahead_metrics)
     m = {"rollout/staleness": sum(gaps) / len(gaps), "rollout/staleness_max": float(max(gaps)), **ahead_metrics}
-    if ahead_metrics and min(gaps) == max(gaps) and "train/mismatch_abs" in train_metrics:
+    if asynchronous and min(gaps) == max(gaps) and "train/mismatch_abs" in train_metrics:
         m[f"train/mismatch_abs_staleness{gaps[0]}"] = train_metrics["train/mismatch_abs"]
     return m
 

@@ -20,7 +20,6 @@ from megatron_meml.rollout.weight_sync import (ENGINE_DTYPES, ROLLOUT_RANK, coll
 from megatron_meml.types import Completion
 
 
-
 class DistributedRollout:
     """Same calls on every rank; the engine exists only on the rollout rank.
 
