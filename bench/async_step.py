@@ -13,33 +13,22 @@ where the engine has its own devices or cores.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _train_run import ROOT, train_rows  # noqa: E402
+
 PHASES = ("timing/step", "timing/rollout", "timing/train", "timing/rollout_wait", "rollout/overlap_seconds",
           "timing/weight_sync", "rollout/train_rows", "rollout/tokens")
 
 
 def run_side(recipe: str, staleness: int, steps: int, threads: int, extra: list[str], out: Path, rep: int) -> dict:
-    name = f"s{staleness}-r{rep}"
-    cmd = [sys.executable, "-m", "megatron_meml.cli", "train", recipe, f"rollout.max_staleness={staleness}",
-           f"train.steps={steps}", f"train.threads={threads}", "checkpoint.save_every=0", "eval.max_problems=0",
-           "logging.tensorboard=false", "logging.progress=line", f"output_dir={out}", f"run_name={name}", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    with open(out / f"{name}.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"side max_staleness={staleness} failed (exit {proc.returncode}); see {out / name}.log")
-    rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    shutil.rmtree(out / name)  # the run's checkpoint and engine copy of the model (GBs on a real model); logs stay
-    train = [r for r in rows if r["stage"] == "train" and r["step"] >= 2]
+    rows = train_rows(recipe, [f"rollout.max_staleness={staleness}", *extra], steps=steps, threads=threads, out=out,
+                      name=f"s{staleness}-r{rep}")
+    train = [r for r in rows if r["step"] >= 2]
     return {k: [r[k] for r in train if k in r] for k in PHASES} | {
         "staleness": [r.get("rollout/staleness", 0.0) for r in train]}
 

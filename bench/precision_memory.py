@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _train_run import ROOT, train_rows  # noqa: E402
 
 
 def _tree(root: int) -> list[int]:
@@ -59,28 +57,19 @@ def _pss_gib(pid: int) -> float:
 
 
 def run(recipe: str, dtype: str, steps: int, threads: int, extra: list[str], out: Path) -> dict:
-    name = f"{dtype}"
-    cmd = [sys.executable, "-m", "megatron_meml.cli", "train", recipe, f"model.dtype={dtype}", f"train.steps={steps}",
-           f"train.threads={threads}", "rollout.engine_mode=multiprocess", "checkpoint.save_every=0",
-           "eval.max_problems=0", "logging.tensorboard=false", "logging.progress=line", "train.problems_per_step=1",
-           "algo.policy_loss=clipped", "algo.advantage=grpo", f"output_dir={out}", f"run_name={name}", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     peak = {"trainer": 0.0, "engine": 0.0}
     engine_samples: list[float] = []
-    with open(out / f"{name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            # every child: vLLM's EngineCore, its Worker (the model runner), transient compile workers
-            engine = sum(_pss_gib(p) for p in _tree(proc.pid) if p != proc.pid)
-            peak["trainer"] = max(peak["trainer"], _pss_gib(proc.pid))
-            peak["engine"] = max(peak["engine"], engine)
-            engine_samples.append(engine)
-            time.sleep(0.5)
-    if proc.returncode:
-        raise SystemExit(f"{dtype} run failed (exit {proc.returncode}); see {out / name}.log")
-    rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    shutil.rmtree(out / name)  # the run's checkpoint and engine copy of the model (GBs on a real model); logs stay
-    train = [r for r in rows if r["stage"] == "train"]
+
+    def sample(pid: int) -> None:
+        # every child: vLLM's EngineCore, its Worker (the model runner), transient compile workers
+        engine = sum(_pss_gib(p) for p in _tree(pid) if p != pid)
+        peak["trainer"] = max(peak["trainer"], _pss_gib(pid))
+        peak["engine"] = max(peak["engine"], engine)
+        engine_samples.append(engine)
+
+    train = train_rows(recipe, [f"model.dtype={dtype}", "rollout.engine_mode=multiprocess", "train.problems_per_step=1",
+                                "algo.policy_loss=clipped", "algo.advantage=grpo", *extra],
+                       steps=steps, threads=threads, out=out, name=dtype, poll=sample)
     mean = lambda k: statistics.mean(r[k] for r in train if k in r) if any(k in r for r in train) else float("nan")
     return {"dtype": dtype, "trainer_peak_gib": peak["trainer"], "engine_peak_gib": peak["engine"],
             "engine_median_gib": statistics.median(engine_samples) if engine_samples else 0.0,
