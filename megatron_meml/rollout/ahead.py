@@ -11,7 +11,7 @@ The first step of a run has nothing ahead: it generates its own batch on-policy 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_meml.types import Completion, ExpertGroup, Problem
@@ -22,8 +22,9 @@ class AheadBatch:
     """The batch of one future step: scored groups once collected, or still in the engine."""
 
     step: int
-    expanded: list[tuple[Problem, int, list[int]]]
-    """(problem, expert index, prompt ids) per group, as ``ExpertSet.expand`` gives them."""
+    expanded: list[tuple[Problem, int, list[int]]] = field(default_factory=list)
+    """(problem, expert index, prompt ids) per group, as ``ExpertSet.expand`` gives them: needed only while the
+    batch is in the engine (scoring reads it on collection), so a batch restored from a checkpoint has none."""
     groups: Optional[list[ExpertGroup]] = None
     """Scored groups ([problems x K]) once collected."""
     seconds: float = 0.0
@@ -69,10 +70,8 @@ class RolloutsAhead:
     def load_state_dict(self, rows: list[dict[str, Any]]) -> None:
         self.ready, self.in_flight = {}, None
         for row in rows:
-            groups = [_group_from_row(g) for g in row["groups"]]
-            expanded = [(g.problem, g.expert, g.completions[0].prompt_ids if g.completions else []) for g in groups]
-            self.ready[int(row["step"])] = AheadBatch(step=int(row["step"]), expanded=expanded, groups=groups,
-                                                      seconds=float(row["seconds"]))
+            self.ready[int(row["step"])] = AheadBatch(step=int(row["step"]), seconds=float(row["seconds"]),
+                                                      groups=[_group_from_row(g) for g in row["groups"]])
 
 
 def _group_row(g: ExpertGroup) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def test_state_round_trip_is_exact_through_json(tmp_path):
     for step in (2, 3):
         a, b = _batch(step), back.take(step)
         assert b.groups == a.groups and b.seconds == a.seconds
-        assert b.expanded == a.expanded
+        assert b.expanded == []  # only an in-flight batch needs it
     assert back.take(2) is None
 
 
