@@ -33,6 +33,10 @@ class TrainConfig:
     most this many tokens, in place of micro_batch_size rows padded to the longest; under pipeline parallelism
     every micro-batch has exactly this length, so it must hold the longest row (or mutual-learning pair).
     0: by row count. Needs model.layer_spec sdpa or te."""
+    logits_at_scored_only: bool = True
+    """The output layer (the vocabulary matmul, its backward and the fp32 log-softmax) runs only on the positions a
+    loss term scores, not on prompts and padding (without sequence parallelism). False: on every position, as
+    Megatron does by default; for A/B benches and parity checks."""
     sft_batch_size: int = 32
     """Sequences per MEF step."""
     steps: int = 100

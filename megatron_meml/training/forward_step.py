@@ -6,9 +6,16 @@ a global normaliser computed once per step over all micro-batches and DP ranks (
 step's objective is exact whatever the micro-batch count or DP size. Megatron's schedule divides each
 micro-batch loss by the micro-batch count and DDP averages gradients over DP; the loss handed to backward is
 multiplied by ``micro_batches x dp_size`` to undo both.
+
+The output layer runs only on the scored positions (``loss_mask`` > 0) unless told otherwise: a forward pre-hook on
+Megatron's output layer picks those hidden states, so the vocabulary matmul, its backward and the fp32 log-softmax
+skip the prompt and padding positions that no loss term reads (on the real model's RL rows, the prompt is about
+two thirds of a row). Log-probs are 0 at every other position. Not with sequence parallelism, where the output
+layer gathers a sequence-sharded input itself: there every position still gets logits.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Optional
@@ -22,7 +29,7 @@ from megatron_meml.algo.losses import (clipped_pg_loss, kl_to_reference_loss, lo
                                        mutual_kl_positions, mutual_pair_weights, mutual_teacher_nll_loss,
                                        paper_pg_loss, sequence_logprob, sequence_mutual_kl_loss, sft_nll_loss,
                                        tis_weights, token_mutual_kl_loss)
-from megatron_meml.model.provider import causal_mask
+from megatron_meml.model.provider import causal_mask, unwrap
 
 GRPO, STUDENT, TEACHER, SFT = 0, 1, 2, 3
 
@@ -91,6 +98,9 @@ class MicroBatch:
     packed: Optional[PackedRows] = None
     """The rows packed padding-free (the model then runs on these); None: the model runs on ``tokens`` [B, T].
     Every other field keeps the row form [B, T] either way, so the loss terms are the same code."""
+    scored: Optional[torch.Tensor] = None
+    """[n] int64 row-form flat positions (b * T + t) that the output layer ran on, in order (set by the forward
+    step: the positions with ``loss_mask`` > 0, at least one); None: logits at every position the model saw."""
 
     def to(self, device: torch.device) -> "MicroBatch":
         """The same micro-batch with every tensor on ``device`` (the model's)."""
@@ -103,8 +113,21 @@ class MicroBatch:
         return self.packed.tokens.shape[1] if self.packed is not None else self.tokens.shape[1]
 
 
+def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[n] row-form flat positions with ``loss_mask`` > 0; position 0 alone when there are none (a padding
+    micro-batch still runs the output layer, so the graph and the pipeline's shapes stay as they are)."""
+    pos = loss_mask.reshape(-1).nonzero().squeeze(-1)
+    return pos if pos.numel() else pos.new_zeros(1)
+
+
 def row_logprobs(logits: torch.Tensor, mb: MicroBatch, tp_group) -> torch.Tensor:
-    """[B, T] fp32 log-prob of each row's next token, from the model's output (packed or not)."""
+    """[B, T] fp32 log-prob of each row's next token, from the model's output (packed or not; at the scored
+    positions only, 0 elsewhere, when ``mb.scored`` is set)."""
+    if mb.scored is not None:
+        labels = mb.labels.reshape(-1)[mb.scored]
+        flat, _ = vocab_parallel_logprobs(logits.reshape(-1, logits.shape[-1]), labels, tp_group)
+        out = flat.new_zeros(mb.labels.numel()).index_copy(0, mb.scored, flat)
+        return out.view(mb.labels.shape)
     if mb.packed is None:
         return vocab_parallel_logprobs(logits, mb.labels, tp_group)[0]
     flat, _ = vocab_parallel_logprobs(logits, mb.packed.labels, tp_group)
@@ -193,7 +216,11 @@ def _mutual_terms(lp, logits, mask, mb: MicroBatch, students: torch.Tensor, norm
         kl, m = sequence_mutual_kl_loss(lp[students], mask[students], t_seq, norm.pairs, pair_weights=w)
     else:
         s_pos, t_pos = mutual_kl_positions(mask, students, teachers)
-        if mb.packed is not None:  # the logits are the packed stream's
+        if mb.scored is not None:  # the logits are the scored positions', in order
+            where = torch.full((mb.labels.numel(),), -1, dtype=torch.long, device=mb.scored.device)
+            where[mb.scored] = torch.arange(mb.scored.numel(), device=mb.scored.device)
+            s_pos, t_pos = where[s_pos], where[t_pos]
+        elif mb.packed is not None:  # the logits are the packed stream's
             s_pos, t_pos = mb.packed.flat_positions(s_pos), mb.packed.flat_positions(t_pos)
         per_pos = w.repeat_interleave(mask[students].sum(-1).long())
         kl, m = token_mutual_kl_loss(logits, s_pos, t_pos, norm.pairs, tp_group, position_weights=per_pos)
@@ -212,35 +239,70 @@ def _loss_func(mb: MicroBatch, norm: StepNormalisers, algo: AlgoConfig, tp_group
     return loss * scale, metrics
 
 
-def _forward(data_iterator: Iterator[MicroBatch], model) -> tuple[MicroBatch, torch.Tensor]:
-    """The next micro-batch on the model's device and this stage's output (logits on the last stage)."""
+@contextmanager
+def _output_layer_on(head: torch.nn.Module, hidden_index: torch.Tensor):
+    """Inside: ``head`` (Megatron's output layer, input [S, B, H]) sees only the hidden states at
+    ``hidden_index`` into the flattened S x B positions, as [n, 1, H]."""
+
+    def pick(_module, args):
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index).unsqueeze(1), *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _forward(data_iterator: Iterator[MicroBatch], model, scored_only: bool = False,
+             ) -> tuple[MicroBatch, torch.Tensor]:
+    """The next micro-batch on the model's device and this stage's output (logits on the last stage: at
+    ``mb.scored`` only, when ``scored_only`` and the stage has an output layer without sequence parallelism)."""
     dev = next(model.parameters()).device
     mb = next(data_iterator).to(dev)
+    core = unwrap(model)
+    head = getattr(core, "output_layer", None) if getattr(core, "post_process", False) else None
+    if not scored_only or head is None or getattr(head, "sequence_parallel", False):
+        return mb, _run(model, mb, dev)
+    mb.scored = scored_positions(mb.loss_mask)
+    if mb.packed is not None:  # hidden [N, 1, H]: packed stream order
+        hidden_index = mb.packed.flat_positions(mb.scored)
+    else:  # hidden [T, B, H]: position (b, t) is row t * B + b
+        b, t = mb.tokens.shape
+        hidden_index = (mb.scored % t) * b + mb.scored // t
+    with _output_layer_on(head, hidden_index):
+        return mb, _run(model, mb, dev)
+
+
+def _run(model, mb: MicroBatch, dev) -> torch.Tensor:
     if mb.packed is not None:
         p = mb.packed
-        return mb, model(p.tokens, p.position_ids, None, packed_seq_params=p.params())
+        return model(p.tokens, p.position_ids, None, packed_seq_params=p.params())
     t = mb.tokens.shape[1]
     pos = torch.arange(t, device=dev)[None].expand(mb.tokens.shape[0], t)
-    return mb, model(mb.tokens, pos, causal_mask(t, dev))
+    return model(mb.tokens, pos, causal_mask(t, dev))
 
 
 def make_forward_step(norm: StepNormalisers, algo: AlgoConfig, *, num_microbatches: int, dp_size: int,
-                      tp_group=None):
-    """A Megatron forward_step_func over an iterator of MicroBatch (tokens are needed on every stage)."""
+                      tp_group=None, scored_only: bool = True):
+    """A Megatron forward_step_func over an iterator of MicroBatch (tokens are needed on every stage);
+    ``scored_only``: the output layer runs on the scored positions only (module docstring)."""
     scale = float(num_microbatches * dp_size)
 
     def forward_step(data_iterator: Iterator[MicroBatch], model):
-        mb, out = _forward(data_iterator, model)
+        mb, out = _forward(data_iterator, model, scored_only)
         return out, partial(_loss_func, mb, norm, algo, tp_group, scale)
 
     return forward_step
 
 
-def logprob_forward_step(tp_group=None):
-    """forward_step_func for forward-only log-prob computation: the loss_func returns [B, T] log-probs."""
+def logprob_forward_step(tp_group=None, scored_only: bool = True):
+    """forward_step_func for forward-only log-prob computation: the loss_func returns [B, T] log-probs (0 where
+    ``loss_mask`` is 0 when ``scored_only``)."""
 
     def forward_step(data_iterator: Iterator[MicroBatch], model):
-        mb, out = _forward(data_iterator, model)
+        mb, out = _forward(data_iterator, model, scored_only)
 
         def loss_func(output_tensor):
             lp = row_logprobs(output_tensor, mb, tp_group)

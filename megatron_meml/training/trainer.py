@@ -37,7 +37,7 @@ class Trainer:
 
     def __init__(self, state: TrainState, algo: AlgoConfig, *, micro_batch_size: int, pad_id: int,
                  score_teachers_ahead: bool = True, max_tokens_per_micro_batch: int = 0,
-                 reference: Optional[list] = None):
+                 reference: Optional[list] = None, logits_at_scored_only: bool = True):
         from megatron.core import parallel_state as ps
 
         self.state, self.algo = state, algo
@@ -57,6 +57,8 @@ class Trainer:
         """> 0: rows packed padding-free into micro-batches of this many tokens (fixed under PP)."""
         self.tp_size, self.pp_size = ps.get_tensor_model_parallel_world_size(), pp_size
         self.reference = reference
+        self.scored_only = logits_at_scored_only
+        """The output layer runs on the scored positions only (``forward_step``); False: on every position."""
         """The frozen reference policy's chunks (``setup.build_reference``) when algo.kl_coef > 0."""
 
     def _split(self, batch: TrainBatch, *, trim: bool, teacher_seq: Optional[torch.Tensor] = None):
@@ -78,14 +80,16 @@ class Trainer:
             micro_batch_size=1 if micro[0].packed is not None else self.micro_batch_size)
 
     def compute_logprobs(self, batch: TrainBatch, *, model: Optional[list] = None) -> torch.Tensor:
-        """[B, T] fp32 log-probs of each next token under the current weights (no grad), on every PP rank;
-        ``model``: other chunks of the same layout (the reference policy) instead of the policy's."""
+        """[B, T] fp32 log-probs of each next token under the current weights (no grad), on every PP rank, where
+        ``loss_mask`` > 0 (0 elsewhere unless ``logits_at_scored_only`` is off); ``model``: other chunks of the
+        same layout (the reference policy) instead of the policy's."""
         micro, groups = self._split(batch, trim=False)
         chunks = self.state.model if model is None else model
         for chunk in chunks:
             chunk.eval()
         with torch.no_grad():
-            outs = self._schedule(logprob_forward_step(self.tp_group), micro, forward_only=True, model=chunks)
+            outs = self._schedule(logprob_forward_step(self.tp_group, self.scored_only), micro, forward_only=True,
+                                  model=chunks)
         if model is None:
             for chunk in chunks:
                 chunk.train()
@@ -113,7 +117,8 @@ class Trainer:
         if norm.scored == 0:
             return empty_step_metrics()
         dp = dist.get_world_size(self.dp_group)
-        fwd = make_forward_step(norm, self.algo, num_microbatches=len(micro), dp_size=dp, tp_group=self.tp_group)
+        fwd = make_forward_step(norm, self.algo, num_microbatches=len(micro), dp_size=dp, tp_group=self.tp_group,
+                                scored_only=self.scored_only)
         zero_grads(self.state)
         outs = self._schedule(fwd, micro, forward_only=False)
         ok, grad_norm, _ = self.state.optimizer.step()

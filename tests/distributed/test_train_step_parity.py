@@ -1,6 +1,7 @@
 """A whole MEML train step (GRPO + mutual-learning pairs + SFT rows in one batch) gives the same parameter
 gradients at TP=2, PP=2 and DP=2 as one process, and the same with 1 or several micro-batches, padded by row count
-or packed padding-free by token budget (fp32, 1e-5 absolute; gradients here are O(1e-2..1))."""
+or packed padding-free by token budget (fp32, 1e-5 absolute; gradients here are O(1e-2..1)). The single-process
+reference runs the output layer on every position, the steps under test on the scored positions only."""
 from __future__ import annotations
 
 import pytest
@@ -51,7 +52,7 @@ def _algo(algo_kind):
                       mutual_teacher_nll=0.4, mutual_min_student_logprob=-50.0)
 
 
-def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs, ahead=True, tokens=0):
+def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs, ahead=True, tokens=0, scored_only=True):
     """Build at (tp, pp), load the reference weights, run one train step; return {global name: grad}."""
     from megatron.core import parallel_state as ps
     from megatron_meml.parallel import ParallelConfig
@@ -75,7 +76,7 @@ def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs, ahead=True, tokens=0):
                            old_logprobs=batch.old_logprobs[rows], rollout_logprobs=batch.rollout_logprobs[rows],
                            pair_id=batch.pair_id[rows])
     trainer = Trainer(state, _algo(algo_kind), micro_batch_size=mbs, pad_id=PAD, score_teachers_ahead=ahead,
-                      max_tokens_per_micro_batch=tokens)
+                      max_tokens_per_micro_batch=tokens, logits_at_scored_only=scored_only)
     if tokens:  # the budget must really split the step (else the test could not tell packing from one batch)
         from megatron_meml.training.packing import split_packed
 
@@ -112,7 +113,7 @@ def _reference(rank, world, tmp, algo_kind):
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
-    grads, metrics = _grads(tmp, algo_kind, 1, 1, 0, 1, mbs=10)
+    grads, metrics = _grads(tmp, algo_kind, 1, 1, 0, 1, mbs=10, scored_only=False)  # logits at every position
     torch.save({"grads": {k: g for k, (g, _) in grads.items()}, "metrics": metrics}, f"{tmp}/ref_{algo_kind}.pt")
 
 
