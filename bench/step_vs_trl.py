@@ -37,9 +37,11 @@ Real-model mode (``--real .models/SmolLM2-135M-Instruct``), at 2 threads on both
           std-normalised advantages, clipped ratio), 8 problems x 8 samples x 64 new tokens, T=0.7: vLLM rollout,
           bf16 trainer, weight sync.
   packed  as grpo with train.max_tokens_per_micro_batch=2048 (padding-free micro-batches).
+  allpos  as grpo with train.logits_at_scored_only=false (the output layer on every position, prompts included).
 The prompts are the same text on both sides: wordmath level 3 ("one addition of two-digit numbers") with the
 expert0 system prompt, chat-templated by our side and written to a JSONL the TRL side reads. Ends with
-``real step ratio N`` (grpo / trl, best repeats) and ``real packed step ratio N``.
+``real step ratio N`` (grpo / trl, best repeats), ``real packed step ratio N`` and, with the allpos side,
+``real scored-only/all-positions step ratio N`` (grpo / allpos; below 1: the scored-only output layer is faster).
 """
 from __future__ import annotations
 
@@ -78,6 +80,8 @@ def real_overrides(side: str, steps: int, out_dir: str, model: str) -> list[str]
         return common
     if side == "packed":
         return common + ["train.max_tokens_per_micro_batch=2048"]
+    if side == "allpos":
+        return common + ["train.logits_at_scored_only=false"]
     raise ValueError(f"unknown real-model side '{side}'")
 
 
@@ -290,8 +294,8 @@ def main() -> None:
     p.add_argument("--anchor", type=Path, default=ANCHOR, help="the TRL anchor script")
     p.add_argument("--json-out", default="", help="write every record here")
     p.add_argument("--real", default="", metavar="HF_DIR", help="real-model mode on this HF model directory "
-                   "(sides trl, grpo, packed; 2 threads)")
-    p.add_argument("--worker", choices=["grpo", "meml", "packed"], help=argparse.SUPPRESS)
+                   "(sides trl, grpo, packed, allpos; 2 threads)")
+    p.add_argument("--worker", choices=["grpo", "meml", "packed", "allpos"], help=argparse.SUPPRESS)
     p.add_argument("--worker-json", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -367,6 +371,8 @@ def main_real(a) -> None:
         print(f"real step ratio {best['grpo'] / best['trl']:.3f}")
     if "trl" in best and "packed" in best:
         print(f"real packed step ratio {best['packed'] / best['trl']:.3f}")
+    if "grpo" in best and "allpos" in best:
+        print(f"real scored-only/all-positions step ratio {best['grpo'] / best['allpos']:.3f}")
 
 
 if __name__ == "__main__":
