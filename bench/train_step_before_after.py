@@ -1,8 +1,8 @@
 """Before/after of the trainer's train step on the real model, both in one process and interleaved, best of N.
 
 'before' runs this trainer the way it ran before the real-model efficiency pass: teacher rows inside the batch,
-micro-batches filled up to train.micro_batch_size with padding rows, torch's per-tensor AdamW, and steps with nothing
-scored still stepping the optimizer. 'after' is the trainer's default. Cases: a step with no rows (``empty``), a
+micro-batches filled up to train.micro_batch_size with padding rows, torch's per-tensor AdamW, steps with nothing
+scored still stepping the optimizer, and the output layer on every position (prompts and padding included). 'after' is the trainer's default. Cases: a step with no rows (``empty``), a
 3-row step of the demo's shape (``long3``: a GRPO row and a mutual-learning pair, ~900 tokens) and 64 GRPO rows.
 Prints per-phase seconds and ``<case> before/after total ratio N``.
 
@@ -44,6 +44,7 @@ load_hf_weights(Path(args.model), state.model, arch); state.optimizer.reload_mod
 new = Trainer(state, cfg.algo, micro_batch_size=cfg.train.micro_batch_size, pad_id=0)
 old = Trainer(state, cfg.algo, micro_batch_size=cfg.train.micro_batch_size, pad_id=0, score_teachers_ahead=False)
 old.trim_rows = False  # before: every micro-batch filled up to micro_batch_size rows
+old.scored_only = False  # before: logits (and their fp32 log-softmax) at every position
 groups = state.optimizer.optimizer.param_groups
 rng = random.Random(0)
 def row(n_prompt, n_resp, kind=GRPO, adv=0.5, pair=-1, lp=True):
