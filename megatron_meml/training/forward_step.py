@@ -255,8 +255,7 @@ def _output_layer_on(head: torch.nn.Module, hidden_index: torch.Tensor):
         handle.remove()
 
 
-def _forward(data_iterator: Iterator[MicroBatch], model, scored_only: bool = False,
-             ) -> tuple[MicroBatch, torch.Tensor]:
+def _forward(data_iterator: Iterator[MicroBatch], model, scored_only: bool) -> tuple[MicroBatch, torch.Tensor]:
     """The next micro-batch on the model's device and this stage's output (logits on the last stage: at
     ``mb.scored`` only, when ``scored_only`` and the stage has an output layer without sequence parallelism)."""
     dev = next(model.parameters()).device

@@ -57,9 +57,9 @@ class Trainer:
         """> 0: rows packed padding-free into micro-batches of this many tokens (fixed under PP)."""
         self.tp_size, self.pp_size = ps.get_tensor_model_parallel_world_size(), pp_size
         self.reference = reference
+        """The frozen reference policy's chunks (``setup.build_reference``) when algo.kl_coef > 0."""
         self.scored_only = logits_at_scored_only
         """The output layer runs on the scored positions only (``forward_step``); False: on every position."""
-        """The frozen reference policy's chunks (``setup.build_reference``) when algo.kl_coef > 0."""
 
     def _split(self, batch: TrainBatch, *, trim: bool, teacher_seq: Optional[torch.Tensor] = None):
         """(micro-batches, their rows): packed by token budget when set, else by row count."""
