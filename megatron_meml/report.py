@@ -42,7 +42,8 @@ TIMING_TOTALS = ("timing/step", "timing/total")
 """Timers that enclose the others: drawn as a line over the stack, not stacked."""
 SUMMARY_KEYS = {"sft": ("train/sft_nll", "train/loss"),
                 "train": ("reward/mean", "expert/*/reward_mean", "expert/*/format_rate", *LOSS_KEYS, *MISMATCH_KEYS,
-                          "hard/size", "hard/admissions_total", "train/grad_norm")}
+                          "hard/size", "hard/admissions_total", "train/grad_norm", "train/grad_norm_pg",
+                          "train/grad_norm_mutual", "train/grad_norm_sft")}
 """Metrics of summary.md's key-metrics table per stage (``*`` matches one name segment)."""
 FORMAT_METRICS = ("accuracy", "last_number_accuracy", "format_rate")
 """Eval read-outs of eval_format.png: format-bound accuracy, the last number's accuracy (skill), the format rate."""

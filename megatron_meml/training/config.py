@@ -37,6 +37,9 @@ class TrainConfig:
     """The output layer (the vocabulary matmul, its backward and the fp32 log-softmax) runs only on the positions a
     loss term scores, not on prompts and padding (without sequence parallelism). False: on every position, as
     Megatron does by default; for A/B benches and parity checks."""
+    log_term_grad_norms: bool = False
+    """Diagnostic: each RIEL step also logs train/grad_norm_{pg,mutual,sft}, the norm of each loss term's own
+    gradient before clipping, to see which term steers the update; costs one more forward/backward per term."""
     sft_batch_size: int = 32
     """Sequences per MEF step."""
     steps: int = 100

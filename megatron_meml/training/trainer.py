@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_meml.algo.config import AlgoConfig
-from megatron_meml.training.forward_step import (GRPO, STUDENT, TEACHER, MicroBatch, logprob_forward_step,
+from megatron_meml.training.forward_step import (GRPO, SFT, STUDENT, TEACHER, MicroBatch, logprob_forward_step,
                                                  make_forward_step, step_normalisers)
 from megatron_meml.training.packing import split_batch, split_packed, take_rows
 from megatron_meml.training.setup import TrainState, zero_grads
@@ -37,7 +37,8 @@ class Trainer:
 
     def __init__(self, state: TrainState, algo: AlgoConfig, *, micro_batch_size: int, pad_id: int,
                  score_teachers_ahead: bool = True, max_tokens_per_micro_batch: int = 0,
-                 reference: Optional[list] = None, logits_at_scored_only: bool = True):
+                 reference: Optional[list] = None, logits_at_scored_only: bool = True,
+                 log_term_grad_norms: bool = False):
         from megatron.core import parallel_state as ps
 
         self.state, self.algo = state, algo
@@ -60,6 +61,8 @@ class Trainer:
         """The frozen reference policy's chunks (``setup.build_reference``) when algo.kl_coef > 0."""
         self.scored_only = logits_at_scored_only
         """The output layer runs on the scored positions only (``forward_step``); False: on every position."""
+        self.log_term_grad_norms = log_term_grad_norms
+        """Each step also logs each loss term's own gradient norm (``term_grad_norms``): a diagnostic."""
 
     def _split(self, batch: TrainBatch, *, trim: bool, teacher_seq: Optional[torch.Tensor] = None):
         """(micro-batches, their rows): packed by token budget when set, else by row count."""
@@ -104,6 +107,42 @@ class Trainer:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """Forward/backward over all micro-batches, one optimizer step; metrics summed over the step."""
+        diag = self.term_grad_norms(batch) if self.log_term_grad_norms else {}
+        done = self._backward(batch)
+        if done is None:
+            return {**empty_step_metrics(), **diag}
+        ok, grad_norm, _ = self.state.optimizer.step()
+        metrics = self._reduce(done)
+        metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["train/update_skipped"] = 0.0 if ok else 1.0
+        metrics["train/empty_step"] = 0.0
+        return {**metrics, **diag}
+
+    def term_grad_norms(self, batch: TrainBatch) -> dict[str, float]:
+        """``train/grad_norm_<term>``: the global norm (before clipping) of each loss term's gradient alone, for
+        pg (the policy gradient, with the reference KL when on), mutual (the pairs: student and teacher rows) and
+        sft. Each term's rows form their own batch, and the term's normaliser counts only its own rows, so that
+        batch's gradient is exactly the term's share of the step's. One more forward/backward per term; the
+        gradients are zeroed after, so the step itself is unchanged."""
+        kind, out = batch.row_kind, {}
+        for term, kinds in (("pg", (GRPO,)), ("mutual", (STUDENT, TEACHER)), ("sft", (SFT,))):
+            rows = [i for i, k in enumerate(kind.tolist()) if k in kinds]
+            if not rows:  # a row scored nowhere, so every rank runs the same collectives
+                sub = take_rows(batch, [0])
+                sub = dataclasses.replace(sub, loss_mask=torch.zeros_like(sub.loss_mask),
+                                          row_kind=torch.full_like(sub.row_kind, GRPO),
+                                          pair_id=torch.full_like(sub.pair_id, -1))
+            else:
+                sub = take_rows(batch, rows)
+            if self._backward(sub) is not None:
+                self.state.optimizer.prepare_grads()
+                out[f"train/grad_norm_{term}"] = float(self.state.optimizer.get_grad_norm())
+        zero_grads(self.state)
+        return out
+
+    def _backward(self, batch: TrainBatch) -> Optional[list[dict]]:
+        """Zeroed gradients, then forward/backward over the batch's micro-batches (the loss-function outputs); None
+        when no DP rank scores anything (nothing ran)."""
         teacher_seq = None
         if self.algo.kl_coef > 0 and bool((batch.row_kind == GRPO).any()):
             if self.reference is None:
@@ -115,18 +154,12 @@ class Trainer:
         micro, _ = self._split(batch, trim=True, teacher_seq=teacher_seq)
         norm = step_normalisers(micro, self.algo, self.dp_group)
         if norm.scored == 0:
-            return empty_step_metrics()
+            return None
         dp = dist.get_world_size(self.dp_group)
         fwd = make_forward_step(norm, self.algo, num_microbatches=len(micro), dp_size=dp, tp_group=self.tp_group,
                                 scored_only=self.scored_only)
         zero_grads(self.state)
-        outs = self._schedule(fwd, micro, forward_only=False)
-        ok, grad_norm, _ = self.state.optimizer.step()
-        metrics = self._reduce(outs)
-        metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
-        metrics["train/update_skipped"] = 0.0 if ok else 1.0
-        metrics["train/empty_step"] = 0.0
-        return metrics
+        return self._schedule(fwd, micro, forward_only=False)
 
     def with_reference(self, batch: TrainBatch) -> TrainBatch:
         """The batch with ``ref_logprobs`` [B, T]: the frozen reference policy's log-probs on its GRPO rows (the
