@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="an extra RL variant from MoE-SFT (repeatable)")
     cp.add_argument("--only", default=None, help="comma-separated built-in variants to run (MoE-SFT and the "
                                                  "--variant rows always run)")
+    cp.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's resumable "
+                                                                     "checkpoints (default: only its final model)")
     cp.add_argument("overrides", nargs="*", help="overrides applied to every run, e.g. train.steps=20")
     rp = sub.add_parser("report", help="plots and summary.md of a run directory (written to RUN_DIR/report/)")
     rp.add_argument("run_dir", metavar="RUN_DIR")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_compare(args.recipe_dir, args.overrides, [int(x) for x in args.seeds.split(",")], args.out,
                            variants=args.variant, only=args.only.split(",") if args.only else None,
-                           default=args.default)
+                           default=args.default, keep_checkpoints=args.keep_checkpoints)
     if args.cmd == "demo":
         from megatron_meml.demo import run_demo
 

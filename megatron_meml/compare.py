@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_meml.config import ConfigError, load_config
+from megatron_meml.stages import FINAL_MODEL
 
 PAPER_MUTUAL = ["algo.mutual_normalise=sequence", "algo.lambda_kl_warmup_steps=0",
                 "algo.mutual_min_student_logprob=null", "algo.mutual_teacher_nll=0.0"]
@@ -97,6 +99,14 @@ def _meml(argv: list[str], log: Path, recipes: str) -> None:
     done.write_text(json.dumps(stamp))
 
 
+def _drop_checkpoints(run_dir: Path, keep: bool) -> None:
+    """A finished run's resumable checkpoints (model and optimizer state: 3.6 GB per real-model run) once its final
+    model and metrics are written, which are all the table, the RL starts and a reuse read; ``keep``: leave them."""
+    ckpt = run_dir / "checkpoints"
+    if not keep and (run_dir / FINAL_MODEL).is_dir() and ckpt.is_dir():
+        shutil.rmtree(ckpt)
+
+
 REWARD_WINDOW = 10
 """acc_reward_best picks the expert with the highest mean sampled reward over the last this many RIEL steps."""
 
@@ -148,7 +158,8 @@ def _select_variants(riel: Path, base, overrides: list[str], variants: list[str]
 
 
 def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str], *,
-                variants: Optional[list[str]] = None, only: Optional[list[str]] = None, default: str = "toy") -> int:
+                variants: Optional[list[str]] = None, only: Optional[list[str]] = None, default: str = "toy",
+                keep_checkpoints: bool = False) -> int:
     from megatron_meml.defaults import resolve
     from megatron_meml.report import compare_stats, paired_differences, write_compare_table
 
@@ -174,6 +185,7 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
             name = f"{variant}-s{seed}"
             _meml(["sft", str(mef), *common, f"run_name={name}", "eval.max_problems=0", *traces, *extra],
                   root / f"{name}.log", recipes)
+            _drop_checkpoints(root / name, keep_checkpoints)
             # evaluated on the RL recipe's held-out problems, like the RL variants (same problems for every row)
             _meml(["eval", str(riel), *common, f"run_name={name}-eval", *extra, "--checkpoint",
                    str(root / name / "final_model")], root / f"{name}-eval.log", recipes)
@@ -184,6 +196,7 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
             name = f"{variant}-s{seed}"
             _meml(["train", str(riel), *common, f"run_name={name}", f"model.megatron_path={moe}", *extra],
                   root / f"{name}.log", recipes)
+            _drop_checkpoints(root / name, keep_checkpoints)
             rows.append({"variant": variant, "seed": seed, **_final_eval(root / name, expert0)})
             print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))

@@ -48,6 +48,8 @@ def test_compare_rows_table_and_reuse(tmp_path):
     assert totals[-1] >= 48 and all(t < 48 for t in totals[:-1]), totals
     assert all(r["rollout/num_samples"] % 24 == 0 for r in dapo_train)  # batches of 6 questions x 1 expert x 4
     assert (out / "DAPO-1exp-s1" / "final_model").is_dir() and any(r["stage"] == "eval" for r in dapo)
+    # finished runs keep their final model and metrics, not their resumable checkpoints (GBs on a real model)
+    assert not list(out.glob("*/checkpoints")) and (out / "MoE-SFT-s1" / "final_model").is_dir()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")}
     second = _compare(out)
     assert second.returncode == 0, second.stderr[-3000:]
