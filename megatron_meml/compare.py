@@ -99,6 +99,22 @@ def _meml(argv: list[str], log: Path, recipes: str) -> None:
     done.write_text(json.dumps(stamp))
 
 
+ROWS_STAMP = "compare_rows.stamp.json"
+"""Next to compare_rows.json: the recipes' sha256 its rows were run on."""
+
+
+def _with_earlier_rows(root: Path, recipes: str, rows: list[dict]) -> list[dict]:
+    """The rows of earlier compares in ``root`` on the same recipe files (their finished runs), with this
+    compare's rows in place of the same (variant, seed) and after them: so ``--seeds 1`` today and ``--seeds 2,3``
+    tomorrow give one table over three seeds. Rows of other recipe files are left out."""
+    old, stamp = root / "compare_rows.json", root / ROWS_STAMP
+    if not (old.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("recipes") == recipes):
+        return rows
+    new = {(r["variant"], r["seed"]): r for r in rows}
+    earlier = [new.pop((r["variant"], r["seed"]), r) for r in json.loads(old.read_text())]
+    return earlier + list(new.values())
+
+
 def _drop_checkpoints(run_dir: Path, keep: bool) -> None:
     """A finished run's resumable checkpoints (model and optimizer state: 3.6 GB per real-model run) once its final
     model and metrics are written, which are all the table, the RL starts and a reuse read; ``keep``: leave them."""
@@ -199,10 +215,13 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
             _drop_checkpoints(root / name, keep_checkpoints)
             rows.append({"variant": variant, "seed": seed, **_final_eval(root / name, expert0)})
             print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = _with_earlier_rows(root, recipes, rows)
     (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
+    (root / ROWS_STAMP).write_text(json.dumps({"recipes": recipes}))
     write_compare_table(rows, root)
     stats = compare_stats(rows)
-    print(f"[compare] {len(seeds)} seeds, {time.perf_counter() - t0:.0f} s; held-out greedy accuracy (mean ± std):")
+    print(f"[compare] {len({r['seed'] for r in rows})} seeds, {time.perf_counter() - t0:.0f} s; held-out greedy "
+          "accuracy (mean ± std):")
     for variant, per in stats.items():
         cells = "  ".join(f"{m} {mu:.3f} ± {sd:.3f}" for m, (mu, sd, _) in per.items())
         print(f"  {variant:14s} {cells}")

@@ -112,3 +112,35 @@ def test_dynamic_rows_get_the_plain_rows_rollout_budget():
     assert one.reward.overlong_buffer == 56 // 5
     meml = load_config(RECIPES / "embedded-default.yaml", rows["MEML-GRPO-DS"])
     assert meml.algo.mutual_learning and meml.hard_examples.enabled
+
+
+def test_compare_table_gathers_the_seeds_of_earlier_compares(tmp_path, monkeypatch):
+    """``--seeds 1`` then ``--seeds 2`` in one output directory give one table over both seeds (a re-run seed replaces
+    its rows); after a recipe file changes, the earlier rows are left out of the table."""
+    import json
+    import shutil
+
+    import megatron_meml.compare as compare
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    for name in ("embedded-default.yaml", "embedded-default-mef.yaml"):
+        shutil.copy(compare.Path(__file__).resolve().parents[2] / "recipes" / name, recipes / name)
+    acc = {"1": 0.25, "2": 0.5}
+    monkeypatch.setattr(compare, "_meml", lambda argv, log, recipes: None)
+    monkeypatch.setattr(compare, "_final_eval", lambda run_dir, e0: {
+        "acc_expert0": acc[run_dir.name.split("-s")[-1].split("-")[0]], "acc_best_expert": 1.0})
+    out = tmp_path / "cmp"
+
+    def table(seed):
+        assert run_compare(str(recipes), [], [seed], str(out), only=["MEML-GRPO"]) == 0
+        return [(r["variant"], r["seed"], r["acc_expert0"]) for r in json.loads((out / "compare_rows.json").read_text())]
+
+    assert table(1) == [("MoE-SFT", 1, 0.25), ("MEML-GRPO", 1, 0.25)]
+    assert table(2) == [("MoE-SFT", 1, 0.25), ("MEML-GRPO", 1, 0.25), ("MoE-SFT", 2, 0.5), ("MEML-GRPO", 2, 0.5)]
+    acc["1"] = 0.75  # seed 1 again: its rows are replaced in place
+    assert table(1) == [("MoE-SFT", 1, 0.75), ("MEML-GRPO", 1, 0.75), ("MoE-SFT", 2, 0.5), ("MEML-GRPO", 2, 0.5)]
+    assert "(1, 2)" in (out / "compare.md").read_text()
+    rl = recipes / "embedded-default.yaml"
+    rl.write_text(rl.read_text() + "\n# edited\n")
+    assert table(2) == [("MoE-SFT", 2, 0.5), ("MEML-GRPO", 2, 0.5)]
