@@ -130,7 +130,7 @@ REWARD_WINDOW = 10
 def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
     """acc_expert0; acc_best_expert (the expert best on the held-out problems themselves: optimistic); for RL runs
     acc_reward_best (the expert with the highest training reward over the last REWARD_WINDOW steps, chosen without
-    looking at the held-out problems)."""
+    looking at the held-out problems); acc_<id> for each other expert (how the weak experts move)."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     evals = [r for r in rows if r["stage"] == "eval"]
     if not evals:
@@ -142,6 +142,7 @@ def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
     reward = {e: sum(r.get(f"expert/{e}/reward_mean", 0.0) for r in recent) for e in acc if e != "best_expert"}
     if recent and any(f"expert/{e}/reward_mean" in r for r in recent for e in reward):
         out["acc_reward_best"] = acc[max(reward, key=lambda e: (reward[e], e == expert0))]
+    out.update({f"acc_{e}": v for e, v in acc.items() if e not in (expert0, "best_expert")})
     return out
 
 

@@ -52,9 +52,10 @@ def test_final_eval_columns(tmp_path):
               "expert/b/reward_mean": 0.9 if s > 12 - REWARD_WINDOW else 0.0,   # b leads over the window
               "expert/c/reward_mean": 0.5 if s > 12 - REWARD_WINDOW else 5.0} for s in range(1, 13)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [*train, ev]))
-    assert _final_eval(tmp_path, "a") == {"acc_expert0": 0.2, "acc_best_expert": 0.5, "acc_reward_best": 0.3}
+    assert _final_eval(tmp_path, "a") == {"acc_expert0": 0.2, "acc_best_expert": 0.5, "acc_reward_best": 0.3,
+                                          "acc_b": 0.3, "acc_c": 0.5}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(ev))  # an SFT row: no training reward, no column
-    assert _final_eval(tmp_path, "a") == {"acc_expert0": 0.2, "acc_best_expert": 0.5}
+    assert _final_eval(tmp_path, "a") == {"acc_expert0": 0.2, "acc_best_expert": 0.5, "acc_b": 0.3, "acc_c": 0.5}
 
 
 def test_traces_default_pins_the_problems_over_seeds(tmp_path, monkeypatch):
