@@ -122,8 +122,8 @@ class Trainer:
         """``train/grad_norm_<term>``: the global norm (before clipping) of each loss term's gradient alone, for
         pg (the policy gradient, with the reference KL when on), mutual (the pairs: student and teacher rows) and
         sft. Each term's rows form their own batch, and the term's normaliser counts only its own rows, so that
-        batch's gradient is exactly the term's share of the step's. One more forward/backward per term; the
-        gradients are zeroed after, so the step itself is unchanged."""
+        batch's gradient is exactly the term's share of the step's. One more forward/backward per term; the step's
+        own backward starts from zeroed gradients, so the step itself is unchanged."""
         kind, out = batch.row_kind, {}
         for term, kinds in (("pg", (GRPO,)), ("mutual", (STUDENT, TEACHER)), ("sft", (SFT,))):
             rows = [i for i, k in enumerate(kind.tolist()) if k in kinds]
@@ -137,7 +137,6 @@ class Trainer:
             if self._backward(sub) is not None:
                 self.state.optimizer.prepare_grads()
                 out[f"train/grad_norm_{term}"] = float(self.state.optimizer.get_grad_norm())
-        zero_grads(self.state)
         return out
 
     def _backward(self, batch: TrainBatch) -> Optional[list[dict]]:
