@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from megatron_meml.config import ConfigError, load_config
+from megatron_meml.config import ConfigError, load_config, recipe_files
 from megatron_meml.stages import FINAL_MODEL
 
 PAPER_MUTUAL = ["algo.mutual_normalise=sequence", "algo.lambda_kl_warmup_steps=0",
@@ -84,31 +84,55 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
-def _meml(argv: list[str], log: Path, recipes: str) -> None:
+def recipe_stamp(mef: Path, riel: Path) -> dict[str, str]:
+    """What reuse of a finished run is checked against: ``recipes``, the sha256 of the recipe pair's two files, and
+    ``bases``, of the other files their ``base:`` chains name (so an edited base recipe reruns every row)."""
+    own = {mef.resolve(), riel.resolve()}
+    h = hashlib.sha256()
+    for path in sorted({p.resolve() for r in (mef, riel) for p in recipe_files(r)} - own):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {"recipes": hashlib.sha256(mef.read_bytes() + riel.read_bytes()).hexdigest(), "bases": h.hexdigest()}
+
+
+def _same_recipes(old: dict, stamp: dict[str, str]) -> bool:
+    """``old`` (a stamp written by an earlier compare) was made on the same recipe files as ``stamp``. Stamps from
+    before the base chain was recorded have no ``bases`` and are judged on the two files alone."""
+    return old.get("recipes") == stamp["recipes"] and old.get("bases", stamp["bases"]) == stamp["bases"]
+
+
+def _portable(argv: list[str]) -> list[str]:
+    """A run's command with its recipe (argv[1]) named by file name, not path: a compare from another checkout of
+    the same recipe files (their contents are in the stamp) reuses the runs."""
+    return [argv[0], Path(argv[1]).name, *argv[2:]] if len(argv) > 1 else list(argv)
+
+
+def _meml(argv: list[str], log: Path, stamp: dict[str, str]) -> None:
     """Run one ``meml`` subprocess; skipped when an earlier compare finished the same command on the same recipe
-    files (argv and the recipes' sha256 are kept next to the log), so an interrupted or extended compare reuses what
-    it already has."""
+    files (argv and ``stamp``, from recipe_stamp, are kept next to the log), so an interrupted or extended compare
+    reuses what it already has."""
     done = log.with_suffix(".done.json")
-    stamp = {"argv": argv, "recipes": recipes}
-    if done.exists() and json.loads(done.read_text()) == stamp:
-        return
+    if done.exists():
+        old = json.loads(done.read_text())
+        if _portable(old.get("argv", [])) == _portable(argv) and _same_recipes(old, stamp):
+            return
     with open(log, "w") as f:
         rc = subprocess.call([sys.executable, "-m", "megatron_meml.cli", *argv], stdout=f, stderr=subprocess.STDOUT)
     if rc != 0:
         raise RuntimeError(f"meml {' '.join(argv[:2])} failed (exit {rc}); see {log}")
-    done.write_text(json.dumps(stamp))
+    done.write_text(json.dumps({"argv": argv, **stamp}))
 
 
 ROWS_STAMP = "compare_rows.stamp.json"
-"""Next to compare_rows.json: the recipes' sha256 its rows were run on."""
+"""Next to compare_rows.json: the recipe_stamp its rows were run on."""
 
 
-def _with_earlier_rows(root: Path, recipes: str, rows: list[dict]) -> list[dict]:
+def _with_earlier_rows(root: Path, stamp: dict[str, str], rows: list[dict]) -> list[dict]:
     """The rows of earlier compares in ``root`` on the same recipe files (their finished runs), with this
     compare's rows in place of the same (variant, seed) and after them: so ``--seeds 1`` today and ``--seeds 2,3``
     tomorrow give one table over three seeds. Rows of other recipe files are left out."""
-    old, stamp = root / "compare_rows.json", root / ROWS_STAMP
-    if not (old.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("recipes") == recipes):
+    old = root / "compare_rows.json"
+    prev = root / ROWS_STAMP
+    if not (old.is_file() and prev.is_file() and _same_recipes(json.loads(prev.read_text()), stamp)):
         return rows
     new = {(r["variant"], r["seed"]): r for r in rows}
     earlier = [new.pop((r["variant"], r["seed"]), r) for r in json.loads(old.read_text())]
@@ -146,7 +170,7 @@ def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
     return out
 
 
-def _traces(mef: Path, overrides: list[str], root: Path, recipes: str) -> list[str]:
+def _traces(mef: Path, overrides: list[str], root: Path, recipes: dict[str, str]) -> list[str]:
     """Teacher traces for the MEF experts without gold solutions, drawn once for every seed (they are data, as the
     paper's offline teacher traces are); returns the MEF overrides that name the trace files."""
     from megatron_meml.defaults import trace_overrides
@@ -187,7 +211,7 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     except (ConfigError, ValueError) as e:
         print(f"meml compare: {e}", file=sys.stderr)
         return 2
-    recipes = hashlib.sha256(mef.read_bytes() + riel.read_bytes()).hexdigest()
+    recipes = recipe_stamp(mef, riel)
     root = Path(out or Path(base.output_dir) / "compare")
     root.mkdir(parents=True, exist_ok=True)
     expert0 = base.experts.ids[0]
@@ -218,7 +242,7 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
             print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = _with_earlier_rows(root, recipes, rows)
     (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
-    (root / ROWS_STAMP).write_text(json.dumps({"recipes": recipes}))
+    (root / ROWS_STAMP).write_text(json.dumps(recipes))
     write_compare_table(rows, root)
     stats = compare_stats(rows)
     print(f"[compare] {len({r['seed'] for r in rows})} seeds, {time.perf_counter() - t0:.0f} s; held-out greedy "

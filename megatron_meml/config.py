@@ -141,6 +141,11 @@ def _resolve_base(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, di
     return chain
 
 
+def recipe_files(recipe) -> list[Path]:
+    """The files a recipe is built from: its ``base:`` chain, base first, then the recipe itself."""
+    return [Path(where) for where, _ in _resolve_base(Path(recipe))]
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"algo.num_experts=3"`` -> ``("algo.num_experts", 3)``; the value is parsed as YAML."""
     if "=" not in text:

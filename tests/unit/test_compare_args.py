@@ -145,3 +145,45 @@ def test_compare_table_gathers_the_seeds_of_earlier_compares(tmp_path, monkeypat
     rl = recipes / "embedded-default.yaml"
     rl.write_text(rl.read_text() + "\n# edited\n")
     assert table(2) == [("MoE-SFT", 2, 0.5), ("MEML-GRPO", 2, 0.5)]
+
+
+def test_compare_reuses_a_run_from_another_checkout_but_not_after_a_base_recipe_changes(tmp_path, monkeypatch):
+    """A finished run is reused when the same command runs on recipe files of the same contents, wherever they lie
+    (a fresh clone reuses a compare's runs); an edit to a file of the ``base:`` chain, not only to the recipe pair,
+    reruns it; a stamp from before the chain was recorded (no ``bases``) is judged on the pair alone."""
+    import json
+    import shutil
+
+    import megatron_meml.compare as compare
+
+    a = tmp_path / "a"
+    (a / "base").mkdir(parents=True)
+    (a / "base" / "common.yaml").write_text("seed: 7\n")
+    (a / "rl.yaml").write_text("base: base/common.yaml\nrun_name: rl\n")
+    (a / "mef.yaml").write_text("base: rl.yaml\nrun_name: mef\n")
+    calls = []
+    monkeypatch.setattr(compare.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    log = tmp_path / "out" / "MoE-SFT-s1.log"
+    log.parent.mkdir()
+
+    def run(where, *extra):
+        stamp = compare.recipe_stamp(where / "mef.yaml", where / "rl.yaml")
+        compare._meml(["sft", str(where / "mef.yaml"), "seed=1", *extra], log, stamp)
+        return len(calls)
+
+    assert run(a) == 1
+    assert run(a) == 1  # finished: reused
+    assert run(a, "train.lr=1e-5") == 2  # another command
+    assert run(a) == 3
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert run(b) == 3  # the same files in another checkout
+    (b / "base" / "common.yaml").write_text("seed: 8\n")
+    assert run(b) == 4  # the base chain changed
+    done = log.with_suffix(".done.json")
+    legacy = json.loads(done.read_text())
+    del legacy["bases"]
+    done.write_text(json.dumps(legacy))
+    assert run(b) == 4
+    (b / "rl.yaml").write_text("base: base/common.yaml\nrun_name: rl2\n")
+    assert run(b) == 5  # the pair itself changed
