@@ -38,10 +38,12 @@ Real-model mode (``--real .models/SmolLM2-135M-Instruct``), at 2 threads on both
           bf16 trainer, weight sync.
   packed  as grpo with train.max_tokens_per_micro_batch=2048 (padding-free micro-batches).
   allpos  as grpo with train.logits_at_scored_only=false (the output layer on every position, prompts included).
+  shared  as packed with train.share_prompts=true (the 8 samples of a prompt share one copy of it).
 The prompts are the same text on both sides: wordmath level 3 ("one addition of two-digit numbers") with the
 expert0 system prompt, chat-templated by our side and written to a JSONL the TRL side reads. Ends with
 ``real step ratio N`` (grpo / trl, best repeats), ``real packed step ratio N`` and, with the allpos side,
-``real scored-only/all-positions step ratio N`` (grpo / allpos; below 1: the scored-only output layer is faster).
+``real scored-only/all-positions step ratio N`` (grpo / allpos; below 1: the scored-only output layer is faster)
+and, with the shared side, ``real shared step ratio N`` (shared / trl) and ``real shared/grpo step ratio N``.
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ def real_overrides(side: str, steps: int, out_dir: str, model: str) -> list[str]
         return common + ["train.max_tokens_per_micro_batch=2048"]
     if side == "allpos":
         return common + ["train.logits_at_scored_only=false"]
+    if side == "shared":
+        return common + ["train.max_tokens_per_micro_batch=2048", "train.share_prompts=true"]
     raise ValueError(f"unknown real-model side '{side}'")
 
 
@@ -294,8 +298,8 @@ def main() -> None:
     p.add_argument("--anchor", type=Path, default=ANCHOR, help="the TRL anchor script")
     p.add_argument("--json-out", default="", help="write every record here")
     p.add_argument("--real", default="", metavar="HF_DIR", help="real-model mode on this HF model directory "
-                   "(sides trl, grpo, packed, allpos; 2 threads)")
-    p.add_argument("--worker", choices=["grpo", "meml", "packed", "allpos"], help=argparse.SUPPRESS)
+                   "(sides trl, grpo, packed, allpos, shared; 2 threads)")
+    p.add_argument("--worker", choices=["grpo", "meml", "packed", "allpos", "shared"], help=argparse.SUPPRESS)
     p.add_argument("--worker-json", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -373,6 +377,10 @@ def main_real(a) -> None:
         print(f"real packed step ratio {best['packed'] / best['trl']:.3f}")
     if "grpo" in best and "allpos" in best:
         print(f"real scored-only/all-positions step ratio {best['grpo'] / best['allpos']:.3f}")
+    if "trl" in best and "shared" in best:
+        print(f"real shared step ratio {best['shared'] / best['trl']:.3f}")
+    if "grpo" in best and "shared" in best:
+        print(f"real shared/grpo step ratio {best['shared'] / best['grpo']:.3f}")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,19 @@ class MemlConfig:
         if self.train.max_tokens_per_micro_batch > 0 and self.model.layer_spec == "local":
             raise ValueError("train.max_tokens_per_micro_batch (packed rows) needs model.layer_spec sdpa, te or auto; "
                              "Megatron's local attention has no packed-sequence path")
+        if self.train.share_prompts:
+            why = []
+            if self.train.max_tokens_per_micro_batch <= 0:
+                why.append("train.max_tokens_per_micro_batch > 0 (packed rows)")
+            if self.model.layer_spec not in ("sdpa", "auto"):
+                why.append(f"model.layer_spec sdpa (got {self.model.layer_spec}: only the sdpa spec's attention "
+                           "lets a response see a shared prompt)")
+            if not self.train.logits_at_scored_only:
+                why.append("train.logits_at_scored_only true")
+            if self.parallel.sequence_parallel:
+                why.append("parallel.sequence_parallel false")
+            if why:
+                raise ValueError("train.share_prompts needs " + "; ".join(why))
 
 
 # ----------------------------------------------------------------------------------------------- key checking

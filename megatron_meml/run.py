@@ -190,7 +190,8 @@ def setup_run(cfg: MemlConfig, stage: str, *, run_dir: Optional[Path] = None, lr
     trainer = Trainer(state, cfg.algo, micro_batch_size=cfg.train.micro_batch_size, pad_id=0,
                       max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch, reference=reference,
                       logits_at_scored_only=cfg.train.logits_at_scored_only,
-                      log_term_grad_norms=cfg.train.log_term_grad_norms and stage == "train")
+                      log_term_grad_norms=cfg.train.log_term_grad_norms and stage == "train",
+                      share_prompts=cfg.train.share_prompts)
     logger = MetricsLogger(run_dir, cfg.logging, enabled=dist.get_rank() == 0, resume_step=resume_step,
                            resume_stages=(stage, "eval"))
     ctx = RunContext(cfg=cfg, run_dir=run_dir, arch=arch, experts=experts, train_problems=train,

@@ -16,6 +16,9 @@ being ignored silently.
 Packed sequences (``PackedSeqParams`` with qkv_format ``thd``, the trainer's padding-free micro-batches): query
 [t, np, hn], key/value [t, ng, hn], context [t, hp]; each sequence of ``cu_seqlens`` attends causally to itself
 only, one SDPA call per sequence (on CPU cheaper than a block-diagonal mask over the whole stream).
+``SharedPromptSeqParams`` (the trainer's ``train.share_prompts``) adds ``prefix_of``: a sequence that continues a
+shared prompt sequence attends to all of that prompt and causally to itself (one SDPA call over the prompt's and
+its own keys). Its RoPE positions continue the prompt's (``forward_step._rope_at``).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dataclasses import dataclass
 
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -42,6 +47,14 @@ _CHECKED_MASK: Optional[tuple] = None
 
 class SDPAttentionError(ValueError):
     """A setting or input the SDPA core attention does not support."""
+
+
+@dataclass
+class SharedPromptSeqParams(PackedSeqParams):
+    """PackedSeqParams whose sequences may continue a shared prompt sequence; only the sdpa spec reads this."""
+
+    prefix_of: Optional[list[int]] = None
+    """Per sequence of cu_seqlens: the index of the prompt sequence it continues, or -1."""
 
 
 class SDPAttention(MegatronModule):
@@ -96,8 +109,9 @@ class SDPAttention(MegatronModule):
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal SDPA of q [b, np, s, hn] over k, v [b, ng, s, hn] -> [b, np, s, hn]."""
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, prefix: int = 0) -> Tensor:
+        """Causal SDPA of q [b, np, s, hn] over k, v [b, ng, s, hn] -> [b, np, s, hn]. ``prefix`` > 0: k, v are
+        [b, ng, prefix + s, hn], and every query also sees all of the first ``prefix`` keys (a shared prompt)."""
         gqa = {}
         if self.num_groups != self.num_heads:
             if _HAS_ENABLE_GQA and q.is_cuda and q.dtype in _HALF:
@@ -106,13 +120,16 @@ class SDPAttention(MegatronModule):
                 rep = self.num_heads // self.num_groups
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.dropout_p if self.training else 0.0
+        mask = {"is_causal": True}
+        if prefix:  # query i sees keys 0 .. prefix + i (True = attend)
+            s = q.shape[2]
+            mask = {"attn_mask": torch.ones(s, prefix + s, dtype=torch.bool, device=q.device).tril_(prefix)}
         if p > 0.0 and not self.config.sequence_parallel:
             from megatron.core import tensor_parallel
 
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
-                                                      **gqa)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale, **gqa)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.softmax_scale, **mask, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.softmax_scale, **mask, **gqa)
 
     def _forward_packed(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                         params: PackedSeqParams) -> Tensor:
@@ -134,7 +151,21 @@ class SDPAttention(MegatronModule):
         lens = [b - a for a, b in zip(bounds, bounds[1:])]
         # split (not slicing): its backward is one cat, where each slice's backward would zero a full-size grad
         qs, ks, vs = (t.permute(1, 0, 2)[None].split(lens, dim=2) for t in (query, key, value))  # [1, heads, L, hn]
-        ctx = torch.cat([self._attend(q, k, v) for q, k, v, n in zip(qs, ks, vs, lens) if n], dim=2)  # [1, np, t, hn]
+        prefix_of = getattr(params, "prefix_of", None) or [-1] * len(lens)
+        if len(prefix_of) != len(lens):
+            raise SDPAttentionError(f"prefix_of names {len(prefix_of)} sequences, cu_seqlens {len(lens)}")
+        parts = []
+        for i, (q, k, v, n) in enumerate(zip(qs, ks, vs, lens)):
+            j = prefix_of[i]
+            if not n:
+                continue
+            if j < 0:
+                parts.append(self._attend(q, k, v))
+            elif not 0 <= j < i:
+                raise SDPAttentionError(f"sequence {i} continues sequence {j}, which is not before it")
+            else:  # a response after a shared prompt: the prompt's keys, then its own
+                parts.append(self._attend(q, torch.cat([ks[j], k], dim=2), torch.cat([vs[j], v], dim=2), lens[j]))
+        ctx = torch.cat(parts, dim=2)  # [1, np, t, hn]
         return ctx[0].permute(1, 0, 2).reshape(query.shape[0], self.hidden_size_per_partition)
 
     def _check_causal_mask(self, mask: Tensor, s: int) -> None:

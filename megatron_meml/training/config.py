@@ -33,6 +33,11 @@ class TrainConfig:
     most this many tokens, in place of micro_batch_size rows padded to the longest; under pipeline parallelism
     every micro-batch has exactly this length, so it must hold the longest row (or mutual-learning pair).
     0: by row count. Needs model.layer_spec sdpa or te."""
+    share_prompts: bool = False
+    """With max_tokens_per_micro_batch: rows whose prompts are the same tokens (the G samples of an expert's group)
+    share one copy of the prompt in a packed micro-batch, so the prompt's forward and backward run once per group,
+    not once per sample; the same gradients (tests/distributed/test_train_step_parity.py). Needs the sdpa layer
+    spec, logits_at_scored_only and no sequence parallelism."""
     logits_at_scored_only: bool = True
     """The output layer (the vocabulary matmul, its backward and the fp32 log-softmax) runs only on the positions a
     loss term scores, not on prompts and padding (without sequence parallelism). False: on every position, as

@@ -52,7 +52,11 @@ class PackedRows:
     max_seqlen: int
     """The longest sequence in ``cu_seqlens``."""
     index: torch.Tensor
-    """[B, T] int64: where row b's position t sits in the packed stream; -1 past the row's end."""
+    """[B, T] int64: where row b's position t sits in the packed stream; -1 past the row's end. Rows that share
+    a prompt map their prompt positions to the same stream positions."""
+    prefix_of: Optional[torch.Tensor] = None
+    """[S] int64: for each sequence, the sequence holding the prompt it continues (it attends to that one too,
+    and its positions continue from it), -1 for none; None: no sequence shares a prompt."""
 
     def to(self, device: torch.device) -> "PackedRows":
         fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
@@ -62,6 +66,12 @@ class PackedRows:
         """Megatron's PackedSeqParams for this stream (THD, self-attention: q and kv share the boundaries)."""
         from megatron.core.packed_seq_params import PackedSeqParams
 
+        from megatron_meml.model.sdpa_attention import SharedPromptSeqParams
+
+        if self.prefix_of is not None:
+            return SharedPromptSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens,
+                                         cu_seqlens_kv=self.cu_seqlens, max_seqlen_q=self.max_seqlen,
+                                         max_seqlen_kv=self.max_seqlen, prefix_of=self.prefix_of.tolist())
         return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
                                max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
 
@@ -263,6 +273,10 @@ def _forward(data_iterator: Iterator[MicroBatch], model, scored_only: bool) -> t
     core = unwrap(model)
     head = getattr(core, "output_layer", None) if getattr(core, "post_process", False) else None
     if not scored_only or head is None or getattr(head, "sequence_parallel", False):
+        if mb.packed is not None and mb.packed.prefix_of is not None and head is not None:
+            raise ValueError("train.share_prompts needs the output layer on the scored positions only "
+                             "(train.logits_at_scored_only=true, no sequence parallelism): rows sharing a prompt "
+                             "score different next tokens at its last position")
         return mb, _run(model, mb, dev)
     mb.scored = scored_positions(mb.loss_mask)
     if mb.packed is not None:  # hidden [N, 1, H]: packed stream order
@@ -274,10 +288,44 @@ def _forward(data_iterator: Iterator[MicroBatch], model, scored_only: bool) -> t
         return mb, _run(model, mb, dev)
 
 
+@contextmanager
+def _rope_at(core, position_ids: torch.Tensor):
+    """Inside: Megatron's rotary embedding gives one angle per packed token, at ``position_ids`` [1, N] (a
+    response after a shared prompt continues the prompt's positions). Its THD RoPE then maps each token to its own
+    entry (the entries number the stream's tokens) instead of restarting at 0 in every sequence."""
+    rope = getattr(core, "rotary_pos_emb", None)
+    if rope is None or getattr(core, "position_embedding_type", None) != "rope":
+        raise ValueError("train.share_prompts needs a model with rotary position embeddings (position_embedding_type "
+                         f"rope), got {getattr(core, 'position_embedding_type', None)}")
+    if getattr(core.config, "apply_rope_fusion", False):
+        raise ValueError("train.share_prompts needs apply_rope_fusion off (the fused THD RoPE restarts positions in "
+                         "every sequence)")
+    if not getattr(core, "_meml_sdpa_attention", None):
+        from megatron_meml.model.sdpa_attention import SDPAttention
+
+        core._meml_sdpa_attention = any(isinstance(m, SDPAttention) for m in core.modules())
+        if not core._meml_sdpa_attention:
+            raise ValueError("train.share_prompts needs the sdpa layer spec (model.layer_spec sdpa): another core "
+                             "attention would not let a response see its shared prompt")
+    pos = position_ids.reshape(-1)
+
+    def per_token(module, args, output):
+        return module.forward(int(pos.max()) + 1, *args[1:])[pos]
+
+    handle = rope.register_forward_hook(per_token)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _run(model, mb: MicroBatch, dev) -> torch.Tensor:
     if mb.packed is not None:
         p = mb.packed
-        return model(p.tokens, p.position_ids, None, packed_seq_params=p.params())
+        if p.prefix_of is None:
+            return model(p.tokens, p.position_ids, None, packed_seq_params=p.params())
+        with _rope_at(unwrap(model), p.position_ids):
+            return model(p.tokens, p.position_ids, None, packed_seq_params=p.params())
     t = mb.tokens.shape[1]
     pos = torch.arange(t, device=dev)[None].expand(mb.tokens.shape[0], t)
     return model(mb.tokens, pos, causal_mask(t, dev))

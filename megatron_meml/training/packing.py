@@ -5,12 +5,18 @@
   Megatron's THD layout (``PackedRows``), as Megatron-LM RL, NeMo-RL, verl and slime pack rollouts. Rollout rows
   range from a few dozen to hundreds of tokens, so padding to the longest row of a micro-batch wastes compute.
 
+With ``share_prompts``, rows of one micro-batch whose prompts are the same tokens (the G samples of a group) share
+one copy of the prompt in the packed stream: each response is its own sequence that also attends to the prompt
+sequence before it (``PackedRows.prefix_of``), at its true RoPE positions. On the real model's RL rows the prompt
+is about two thirds of a row, and a group of 8 computes it once instead of 8 times.
+
 Both keep a mutual-learning pair (STUDENT + TEACHER row of the same pair) in one micro-batch. Every loss term is a
 sum divided by a global normaliser (forward_step.py), so the step's objective does not depend on how rows are
 grouped: packed and padded steps give the same gradients (tests/distributed/test_train_step_parity.py).
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -146,11 +152,12 @@ def row_lengths(loss_mask: torch.Tensor) -> list[int]:
     return [max(int(x) + 1, 1) for x in last]
 
 
-def token_bins(units: list[list[int]], lengths: list[int], budget: int) -> list[list[int]]:
+def token_bins(units: list[list[int]], lengths: list[int], budget: int,
+               sizes: Optional[list[int]] = None) -> list[list[int]]:
     """Units into bins of at most ``budget`` tokens by first-fit decreasing (longest unit first, ties by
     position; deterministic); a unit longer than the budget gets a bin of its own. Units within a bin keep batch
-    order."""
-    size = [sum(lengths[r] for r in u) for u in units]
+    order. ``sizes``: each unit's tokens (default: the sum of its rows' ``lengths``)."""
+    size = sizes if sizes is not None else [sum(lengths[r] for r in u) for u in units]
     bins: list[list[int]] = []
     used: list[int] = []
     for i in sorted(range(len(units)), key=lambda i: (-size[i], i)):
@@ -165,37 +172,120 @@ def token_bins(units: list[list[int]], lengths: list[int], budget: int) -> list[
     return [[r for i in sorted(b) for r in units[i]] for b in bins]
 
 
+def prompt_keys(batch: TrainBatch) -> list[Optional[tuple[int, ...]]]:
+    """Each row's prompt: its tokens up to and including its first scored position (whose label is the first
+    response token); rows with the same key can share it. None for a row that scores nothing."""
+    keys: list[Optional[tuple[int, ...]]] = []
+    for r in range(batch.tokens.shape[0]):
+        scored = batch.loss_mask[r].nonzero()
+        keys.append(tuple(batch.tokens[r, :int(scored[0]) + 1].tolist()) if len(scored) else None)
+    return keys
+
+
+def prompt_units(units: list[list[int]], keys: list, lengths: list[int],
+                 budget: int) -> tuple[list[list[int]], list[int]]:
+    """(units, their packed tokens): single-row units with the same prompt key merged into one unit at the
+    first one's place (batch order kept), cut into pieces that each fit ``budget`` with one copy of the prompt;
+    a piece costs the prompt once plus each row's response. Mutual-learning pairs stay as they are."""
+    groups: dict = {}
+    for i, u in enumerate(units):
+        if len(u) == 1 and keys[u[0]] is not None:
+            groups.setdefault(keys[u[0]], []).append(i)
+    first = {members[0]: key for key, members in groups.items() if len(members) > 1}
+    merged = {i for key, members in groups.items() if len(members) > 1 for i in members}
+    out, sizes = [], []
+    for i, u in enumerate(units):
+        if i in first:
+            key = first[i]
+            p = len(key)
+            piece, cost = [], p
+            for r in (units[j][0] for j in groups[key]):
+                if piece and cost + lengths[r] - p > budget:
+                    out.append(piece)
+                    sizes.append(cost)
+                    piece, cost = [], p
+                piece.append(r)
+                cost += lengths[r] - p
+            out.append(piece)
+            sizes.append(cost)
+        elif i not in merged:
+            out.append(u)
+            sizes.append(sum(lengths[r] for r in u))
+    return out, sizes
+
+
+def _stream_tokens(rows: list[int], lengths: list[int], keys: Optional[list]) -> int:
+    """Tokens the packed stream of ``rows`` holds: each row's length, a prompt shared by several rows once."""
+    if keys is None:
+        return sum(lengths[r] for r in rows)
+    count = Counter(keys[r] for r in rows)
+    shared = sum(len(k) * (c - 1) for k, c in count.items() if k is not None and c > 1)
+    return sum(lengths[r] for r in rows) - shared
+
+
 def _packed_rows(batch: TrainBatch, labels: torch.Tensor, rows: list[int], lengths: list[int], total: int,
-                 pad_id: int) -> PackedRows:
-    """The packed stream of ``rows``, padded up to ``total`` tokens by one trailing padding sequence."""
-    lens = [lengths[r] for r in rows]
-    toks = [batch.tokens[r, :n] for r, n in zip(rows, lens)]
-    labs = [labels[r, :n] for r, n in zip(rows, lens)]
-    pos = [torch.arange(n) for n in lens]
-    pad = total - sum(lens)
-    seqs = lens + ([pad] if pad > 0 else [])
+                 pad_id: int, keys: Optional[list] = None) -> PackedRows:
+    """The packed stream of ``rows``, padded up to ``total`` tokens by one trailing padding sequence. With
+    ``keys`` (``prompt_keys``), rows of the same prompt key share one prompt sequence: each row's response is a
+    sequence of its own after it (``prefix_of``), with RoPE positions continuing from the prompt's."""
+    count = Counter(keys[r] for r in rows) if keys is not None else Counter()
+    seqs: list[int] = []
+    prefix_of: list[int] = []
+    toks, labs, pos = [], [], []
+    width = max(lengths[r] for r in rows)
+    index = torch.full((len(rows), width), -1, dtype=torch.long)
+    prompt_at: dict = {}  # prompt key -> (its sequence, where it starts in the stream)
+    start = 0
+
+    def emit(r: int, a: int, b: int, prefix: int) -> None:
+        nonlocal start
+        seqs.append(b - a)
+        prefix_of.append(prefix)
+        toks.append(batch.tokens[r, a:b])
+        labs.append(labels[r, a:b])
+        pos.append(torch.arange(a, b))
+        start += b - a
+
+    for i, r in enumerate(rows):
+        n, key = lengths[r], (keys[r] if keys is not None else None)
+        if key is None or count[key] < 2:
+            index[i, :n] = torch.arange(start, start + n)
+            emit(r, 0, n, -1)
+            continue
+        p = len(key)
+        if key not in prompt_at:
+            prompt_at[key] = (len(seqs), start)
+            emit(r, 0, p, -1)
+        seq, at = prompt_at[key]
+        index[i, :p] = torch.arange(at, at + p)
+        if n > p:
+            index[i, p:n] = torch.arange(start, start + n - p)
+            emit(r, p, n, seq)
+    pad = total - start
     if pad > 0:
+        seqs.append(pad)
+        prefix_of.append(-1)
         toks.append(torch.full((pad,), pad_id, dtype=batch.tokens.dtype))
         labs.append(torch.full((pad,), pad_id, dtype=labels.dtype))
         pos.append(torch.arange(pad))
     cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(seqs, dtype=torch.int32), 0)
-    width = max(lens)
-    index = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, n in enumerate(lens):
-        index[i, :n] = torch.arange(int(cu[i]), int(cu[i]) + n)
+    shared = torch.tensor(prefix_of) if any(j >= 0 for j in prefix_of) else None
     return PackedRows(tokens=torch.cat(toks)[None], labels=torch.cat(labs)[None], position_ids=torch.cat(pos)[None],
-                      cu_seqlens=cu, max_seqlen=max(seqs), index=index)
+                      cu_seqlens=cu, max_seqlen=max(seqs), index=index, prefix_of=shared)
 
 
 def split_packed(batch: TrainBatch, max_tokens: int, pad_id: int, *, multiple: int = 1, fixed: bool = False,
-                 teacher_seq: Optional[torch.Tensor] = None) -> tuple[list[MicroBatch], list[list[int]]]:
+                 teacher_seq: Optional[torch.Tensor] = None, share_prompts: bool = False,
+                 ) -> tuple[list[MicroBatch], list[list[int]]]:
     """Micro-batches of at most ``max_tokens`` packed tokens (``PackedRows``), each holding only its own rows.
 
     Each stream is padded up to a multiple of ``multiple`` (the TP size, for sequence parallelism); with
     ``fixed`` (pipeline parallelism: stages exchange activations of one shape) every stream is exactly
     ``max_tokens`` rounded up to ``multiple``, and a unit longer than that is an error. Without ``fixed`` a unit
-    longer than the budget runs alone. ``teacher_seq`` as in ``split_batch``."""
+    longer than the budget runs alone. ``teacher_seq`` as in ``split_batch``. ``share_prompts``: rows with the
+    same prompt go into one micro-batch where they fit, and share one copy of it (module docstring); the model's
+    output layer must then run on the scored positions only (labels differ at a shared last prompt position)."""
     units = row_units(batch.row_kind, batch.pair_id, pairs_together=teacher_seq is None)
     lengths = row_lengths(batch.loss_mask)
     budget = -(-max_tokens // multiple) * multiple
@@ -208,11 +298,14 @@ def split_packed(batch: TrainBatch, max_tokens: int, pad_id: int, *, multiple: i
                                  f"{need} tokens (rows {u}); with pipeline parallelism every micro-batch has "
                                  f"that fixed length: raise it to >= {need}")
     labels = _labels(batch, pad_id)
-    micro, groups = [], token_bins(units, lengths, budget if fixed else max_tokens)
+    keys = prompt_keys(batch) if share_prompts else None
+    cap = budget if fixed else max_tokens
+    units, sizes = prompt_units(units, keys, lengths, cap) if keys is not None else (units, None)
+    micro, groups = [], token_bins(units, lengths, cap, sizes)
     for rows in groups:
-        n = sum(lengths[r] for r in rows)
+        n = _stream_tokens(rows, lengths, keys)
         total = budget if fixed else -(-n // multiple) * multiple
-        packed = _packed_rows(batch, labels, rows, lengths, total, pad_id)
+        packed = _packed_rows(batch, labels, rows, lengths, total, pad_id, keys)
         micro.append(_micro_batch(batch, labels, rows, len(rows), packed.index.shape[1], pad_id, teacher_seq,
                                   packed))
     return micro, groups

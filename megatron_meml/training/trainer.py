@@ -38,7 +38,7 @@ class Trainer:
     def __init__(self, state: TrainState, algo: AlgoConfig, *, micro_batch_size: int, pad_id: int,
                  score_teachers_ahead: bool = True, max_tokens_per_micro_batch: int = 0,
                  reference: Optional[list] = None, logits_at_scored_only: bool = True,
-                 log_term_grad_norms: bool = False):
+                 log_term_grad_norms: bool = False, share_prompts: bool = False):
         from megatron.core import parallel_state as ps
 
         self.state, self.algo = state, algo
@@ -62,13 +62,17 @@ class Trainer:
         self.scored_only = logits_at_scored_only
         """The output layer runs on the scored positions only (``forward_step``); False: on every position."""
         self.log_term_grad_norms = log_term_grad_norms
+        self.share_prompts = share_prompts
+        """Packed rows with the same prompt share one copy of it (``split_packed``)."""
+        if share_prompts and (self.max_tokens <= 0 or not logits_at_scored_only):
+            raise ValueError("share_prompts needs max_tokens_per_micro_batch > 0 and logits_at_scored_only")
         """Each step also logs each loss term's own gradient norm (``term_grad_norms``): a diagnostic."""
 
     def _split(self, batch: TrainBatch, *, trim: bool, teacher_seq: Optional[torch.Tensor] = None):
         """(micro-batches, their rows): packed by token budget when set, else by row count."""
         if self.max_tokens > 0:
             return split_packed(batch, self.max_tokens, self.pad_id, multiple=self.tp_size, fixed=self.pp_size > 1,
-                                teacher_seq=teacher_seq)
+                                teacher_seq=teacher_seq, share_prompts=self.share_prompts)
         return split_batch(batch, self.micro_batch_size, self.pad_id, trim_multiple=self.trim_multiple if trim else 0,
                            trim_rows=self.trim_rows, teacher_seq=teacher_seq)
 

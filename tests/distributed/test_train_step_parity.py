@@ -17,7 +17,9 @@ LAYERS = tiny_model_config().num_layers
 
 
 def mixed_batch(algo_kind: str):
-    """4 GRPO rows, 2 mutual-learning pairs, 2 SFT rows (teacher rows placed away from their students)."""
+    """4 GRPO rows, 2 mutual-learning pairs, 2 SFT rows (teacher rows placed away from their students). For a
+    ``*_shared`` kind, GRPO rows 2, 5 and 8 have the same prompt (the samples of one group), and so do GRPO row 0
+    and SFT row 3."""
     from megatron_meml.training.forward_step import GRPO, SFT, STUDENT, TEACHER
     from megatron_meml.types import TrainBatch
 
@@ -35,6 +37,9 @@ def mixed_batch(algo_kind: str):
         mask[t] = 0.0
         mask[t, 2:2 + n] = 1.0
         tokens[t, 3:3 + n] = tokens[s, mask[s].nonzero()[:, 0] + 1]
+    if algo_kind.endswith("_shared"):  # a prompt is the tokens up to and including the first scored position
+        tokens[[5, 8], :6] = tokens[2, :6]
+        tokens[3, :4] = tokens[0, :4]
     adv = torch.tensor([0.75, 1.0, -0.5, 0, 0.5, 0.25, 0, 0, 1.0, 0])  # students: scheduled pair weights
     old = -torch.rand(b, T, generator=g) * 3
     rollout = old + 0.05 * torch.randn(b, T, generator=g)
@@ -47,6 +52,7 @@ def _algo(algo_kind):
 
     if algo_kind == "paper":
         return AlgoConfig(lambda_kl=0.7, lambda_sft=0.3)
+    assert algo_kind in ("clipped_token", "clipped_token_shared"), algo_kind
     return AlgoConfig(policy_loss="clipped", clip_low=0.1, clip_high=0.3, mutual_kind="token",
                       aggregation="seq_mean_token_mean", lambda_kl=0.7, lambda_sft=0.3, mutual_normalise="token",
                       mutual_teacher_nll=0.4, mutual_min_student_logprob=-50.0)
@@ -75,12 +81,16 @@ def _grads(tmp, algo_kind, tp, pp, dp_rank, dp, mbs, ahead=True, tokens=0, score
                            row_kind=batch.row_kind[rows], advantages=batch.advantages[rows],
                            old_logprobs=batch.old_logprobs[rows], rollout_logprobs=batch.rollout_logprobs[rows],
                            pair_id=batch.pair_id[rows])
+    share = bool(tokens) and algo_kind.endswith("_shared")
     trainer = Trainer(state, _algo(algo_kind), micro_batch_size=mbs, pad_id=PAD, score_teachers_ahead=ahead,
-                      max_tokens_per_micro_batch=tokens, logits_at_scored_only=scored_only)
+                      max_tokens_per_micro_batch=tokens, logits_at_scored_only=scored_only, share_prompts=share)
     if tokens:  # the budget must really split the step (else the test could not tell packing from one batch)
         from megatron_meml.training.packing import split_packed
 
-        assert len(split_packed(batch, tokens, PAD, fixed=pp > 1)[0]) >= 2
+        micro = split_packed(batch, tokens, PAD, fixed=pp > 1, share_prompts=share)[0]
+        assert len(micro) >= 2
+        # and shared prompts must really be shared (under DP=2 rank 1's rows have no prompt in common)
+        assert share == any(mb.packed.prefix_of is not None for mb in micro) or dp_rank > 0
     metrics = trainer.train_step(batch)
     offset = ps.get_pipeline_model_parallel_rank() * (LAYERS // pp)
     out = {}
@@ -169,6 +179,15 @@ def test_packed_train_step_gradients_match_single_process(tmp_path_factory, tp, 
     token-level mutual KL (its positions go through the packed stream) against the padded single-process step."""
     tmp = _reference_dir(tmp_path_factory, "clipped_token")
     run_distributed(_check, tp * pp * dp, tmp, "clipped_token", tp, pp, dp, 8, 30, megatron=True)
+
+
+@pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["shared_tp2", "shared_pp2", "shared_dp2"])
+def test_shared_prompt_train_step_gradients_match_single_process(tmp_path_factory, tp, pp, dp):
+    """train.share_prompts: packed by a 30-token budget with rows of one prompt sharing one copy of it (each
+    response attends to the prompt sequence, at RoPE positions continuing it) at TP=2, PP=2, DP=2, against the
+    padded single-process step on the same rows, every row with its own prompt."""
+    tmp = _reference_dir(tmp_path_factory, "clipped_token_shared")
+    run_distributed(_check, tp * pp * dp, tmp, "clipped_token_shared", tp, pp, dp, 8, 30, megatron=True)
 
 
 def _teachers_ahead(rank, world, tmp):

@@ -146,3 +146,72 @@ def test_packed_needs_a_packed_attention():
     with pytest.raises(ConfigError, match="needs model.layer_spec sdpa, te or auto"):
         load_config(None, ["train.max_tokens_per_micro_batch=512", "model.layer_spec=local"])
     assert load_config(None, ["train.max_tokens_per_micro_batch=512"]).train.max_tokens_per_micro_batch == 512
+
+
+def _group_batch():
+    """Rows 0, 1, 3: one prompt (tokens 1-4, first scored position 3); row 2 another prompt; row 4 an SFT row."""
+    tok = torch.arange(1, 61).view(5, 12)
+    tok[[1, 3], :4] = tok[0, :4]
+    mask = torch.zeros(5, 12)
+    mask[0, 3:9] = 1  # 9 positions: the prompt (4) and a response of 5
+    mask[1, 3:7] = 1  # 7: a response of 3
+    mask[2, 2:10] = 1
+    mask[3, 3:4] = 1  # only the last prompt position is scored: no response positions of its own
+    mask[4, 3:8] = 1
+    return TrainBatch(tokens=tok, loss_mask=mask, row_kind=torch.tensor([GRPO, GRPO, GRPO, GRPO, SFT]),
+                      advantages=torch.zeros(5))
+
+
+def test_split_packed_shared_prompts_hand_worked():
+    from megatron_meml.training.packing import prompt_keys, split_packed
+
+    b = _group_batch()
+    keys = prompt_keys(b)
+    assert keys[0] == keys[1] == keys[3] == (1, 2, 3, 4) and keys[2] == (25, 26, 27) and keys[4] == (49, 50, 51, 52)
+    (mb,), groups = split_packed(b, 100, pad_id=0, multiple=2, share_prompts=True)
+    assert groups == [[0, 1, 3, 2, 4]]  # the group at its first row's place
+    p = mb.packed
+    # the prompt (4), row 0's response (5), row 1's (3), row 2 (10), row 4 (8): 30 tokens, a multiple of 2
+    assert p.cu_seqlens.tolist() == [0, 4, 9, 12, 22, 30]
+    assert p.prefix_of.tolist() == [-1, 0, 0, -1, -1]
+    assert p.position_ids[0].tolist() == [*range(4), *range(4, 9), *range(4, 7), *range(10), *range(8)]
+    assert p.tokens[0, :12].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 18, 19]  # row 1's response: its own tokens
+    assert p.index[:3].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 8, -1], [0, 1, 2, 3, 9, 10, 11, -1, -1, -1],
+                                    [0, 1, 2, 3, -1, -1, -1, -1, -1, -1]]
+    assert p.max_seqlen == 10
+    # the labels of the scored positions, read through the index, are each row's own next tokens
+    lp_rows = mb.labels[:, :4]
+    assert lp_rows[:3, 3].tolist() == [5, 17, 41]
+    # without sharing the same rows take 9 + 7 + 10 + 4 + 8 = 38 tokens
+    (plain,), _ = split_packed(b, 100, pad_id=0, multiple=2)
+    assert plain.packed.tokens.shape[1] == 38 and plain.packed.prefix_of is None
+
+
+def test_split_packed_shared_prompts_budget_and_fixed_length():
+    from megatron_meml.training.packing import split_packed
+
+    b = _group_batch()
+    micro, groups = split_packed(b, 12, pad_id=0, share_prompts=True)
+    assert groups == [[0, 1, 3], [2], [4]]  # the group costs 4 + 5 + 3 + 0 = 12: one micro-batch
+    assert micro[0].packed.cu_seqlens.tolist() == [0, 4, 9, 12] and micro[1].packed.prefix_of is None
+    micro, groups = split_packed(b, 10, pad_id=0, share_prompts=True)
+    # over budget: cut in batch order into pieces that fit, each with its own prompt copy: [0] (9), [1, 3] (7)
+    assert groups == [[2], [0], [4], [1, 3]]
+    assert micro[1].packed.prefix_of is None  # a piece of one row is a plain row
+    assert micro[3].packed.cu_seqlens.tolist() == [0, 4, 7] and micro[3].packed.prefix_of.tolist() == [-1, 0]
+    fixed, _ = split_packed(b, 12, pad_id=0, fixed=True, share_prompts=True)
+    assert {m.packed.tokens.shape[1] for m in fixed} == {12}
+
+
+def test_share_prompts_config_needs_packing_scored_logits_and_sdpa():
+    from megatron_meml.config import load_config
+
+    with pytest.raises(ValueError, match=r"share_prompts needs train.max_tokens_per_micro_batch > 0"):
+        load_config(None, ["train.share_prompts=true"])
+    with pytest.raises(ValueError, match=r"model.layer_spec sdpa \(got te"):
+        load_config(None, ["train.share_prompts=true", "train.max_tokens_per_micro_batch=512", "model.layer_spec=te"])
+    with pytest.raises(ValueError, match=r"train.logits_at_scored_only true"):
+        load_config(None, ["train.share_prompts=true", "train.max_tokens_per_micro_batch=512",
+                           "train.logits_at_scored_only=false"])
+    cfg = load_config(None, ["train.share_prompts=true", "train.max_tokens_per_micro_batch=512"])
+    assert cfg.train.share_prompts
