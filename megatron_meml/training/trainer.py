@@ -32,6 +32,21 @@ def empty_step_metrics() -> dict[str, float]:
     return {"train/loss": 0.0, "train/grad_norm": 0.0, "train/update_skipped": 1.0, "train/empty_step": 1.0}
 
 
+def layout_metrics(micro: list[MicroBatch]) -> dict[str, float]:
+    """This rank's ``train/model_tokens`` (positions the model ran over, padding included) and
+    ``train/prompt_tokens_shared`` (row positions that a shared prompt covered without computing them again)."""
+    model, shared = 0, 0
+    for mb in micro:
+        if mb.packed is None:
+            model += mb.tokens.numel()
+            continue
+        model += mb.packed.tokens.shape[1]
+        if mb.packed.prefix_of is not None:
+            at = mb.packed.index[mb.packed.index >= 0]
+            shared += at.numel() - at.unique().numel()
+    return {"train/model_tokens": float(model), "train/prompt_tokens_shared": float(shared)}
+
+
 class Trainer:
     """Runs Megatron's forward/backward schedule on TrainBatches for one model replica."""
 
@@ -63,6 +78,8 @@ class Trainer:
         """The output layer runs on the scored positions only (``forward_step``); False: on every position."""
         self.log_term_grad_norms = log_term_grad_norms
         self.share_prompts = share_prompts
+        self.last_layout: dict[str, float] = {}
+        """``layout_metrics`` of the last backward's micro-batches."""
         """Packed rows with the same prompt share one copy of it (``split_packed``)."""
         if share_prompts and (self.max_tokens <= 0 or not logits_at_scored_only):
             raise ValueError("share_prompts needs max_tokens_per_micro_batch > 0 and logits_at_scored_only")
@@ -120,7 +137,7 @@ class Trainer:
         metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["train/update_skipped"] = 0.0 if ok else 1.0
         metrics["train/empty_step"] = 0.0
-        return {**metrics, **diag}
+        return {**metrics, **self.last_layout, **diag}
 
     def term_grad_norms(self, batch: TrainBatch) -> dict[str, float]:
         """``train/grad_norm_<term>``: the global norm (before clipping) of each loss term's gradient alone, for
@@ -155,6 +172,7 @@ class Trainer:
         if self.score_teachers_ahead and bool((batch.row_kind == TEACHER).any()):
             batch, teacher_seq = self._score_teachers(batch)
         micro, _ = self._split(batch, trim=True, teacher_seq=teacher_seq)
+        self.last_layout = layout_metrics(micro)
         norm = step_normalisers(micro, self.algo, self.dp_group)
         if norm.scored == 0:
             return None

@@ -1,5 +1,5 @@
-"""Dynamic sampling, the soft overlong penalty, the KL to a frozen reference and packed micro-batches on the real
-model (SmolLM2-135M-Instruct, bf16), end to end through `meml train`, with all three experts, mutual learning and
+"""Dynamic sampling, the soft overlong penalty, the KL to a frozen reference and packed micro-batches whose rows
+share their prompts (train.share_prompts) on the real model (SmolLM2-135M-Instruct, bf16), end to end through `meml train`, with all three experts, mutual learning and
 the hard-example store.
 
 Word-arithmetic levels 1 and 6 half and half: the base model solves level-1 questions often (sampled reward tens of
@@ -32,7 +32,7 @@ def test_dynamic_sampling_fills_the_batch_on_the_real_model(tmp_path):
                  "data.synthetic_levels=[1,6]", "data.synthetic_weights=[1.0,1.0]", "data.synthetic_size=200",
                  "algo.dynamic_sampling=true", "algo.dynamic_sampling_max_gen_batches=5",
                  "algo.dynamic_sampling_on_exhausted=error", "reward.overlong_buffer=16",
-                 "train.max_tokens_per_micro_batch=1024", "algo.kl_coef=0.05"]
+                 "train.max_tokens_per_micro_batch=1024", "train.share_prompts=true", "algo.kl_coef=0.05"]
     proc = subprocess.run([sys.executable, "-m", "megatron_meml.cli", "train", str(RECIPE), *overrides], cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -49,6 +49,7 @@ def test_dynamic_sampling_fills_the_batch_on_the_real_model(tmp_path):
         assert 0.0 <= r["train/kl_ref"] < 0.5, r["train/kl_ref"]  # k3 >= 0; the policy starts at the reference
     assert sum(r["rollout/filtered_groups"] for r in rows) > 0, "nothing filtered: the check is vacuous"
     assert any(r["rollout/gen_batches"] > 1 for r in rows), "no refill happened"
+    assert all(r["train/prompt_tokens_shared"] > 0 for r in rows), "no prompt was shared"
     from megatron_meml.config import load_config
     from megatron_meml.run import load_data
 

@@ -185,6 +185,10 @@ def test_split_packed_shared_prompts_hand_worked():
     # without sharing the same rows take 9 + 7 + 10 + 4 + 8 = 38 tokens
     (plain,), _ = split_packed(b, 100, pad_id=0, multiple=2)
     assert plain.packed.tokens.shape[1] == 38 and plain.packed.prefix_of is None
+    from megatron_meml.training.trainer import layout_metrics
+
+    assert layout_metrics([mb]) == {"train/model_tokens": 30.0, "train/prompt_tokens_shared": 8.0}  # 2 copies of 4
+    assert layout_metrics([plain]) == {"train/model_tokens": 38.0, "train/prompt_tokens_shared": 0.0}
 
 
 def test_split_packed_shared_prompts_budget_and_fixed_length():
