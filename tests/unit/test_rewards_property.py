@@ -42,6 +42,10 @@ def check(text: str) -> None:
             assert s.status in STATUSES and s.reward in (0.0, 1.0)
             assert (s.reward == 1.0) == (s.status == "correct")
             assert (s.extracted is None) == (s.status == "no_answer")
+            if elapsed >= LIMIT_S:  # timed again once: a slow input is slow twice, a stall of a loaded 2-core host
+                t0 = time.monotonic()  # (CI once saw 1.10 s on a 4-character text, then fast) is not
+                score_strict(problem, text, fmt)
+                elapsed = time.monotonic() - t0
             assert elapsed < LIMIT_S, f"{elapsed:.2f}s on {text[:80]!r}..."
 
 
