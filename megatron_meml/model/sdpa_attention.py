@@ -15,7 +15,10 @@ being ignored silently.
 
 Packed sequences (``PackedSeqParams`` with qkv_format ``thd``, the trainer's padding-free micro-batches): query
 [t, np, hn], key/value [t, ng, hn], context [t, hp]; each sequence of ``cu_seqlens`` attends causally to itself
-only, one SDPA call per sequence (on CPU cheaper than a block-diagonal mask over the whole stream).
+only, one attention call per sequence (on CPU cheaper than a block-diagonal mask over the whole stream).
+
+On CPU, a call over at most ``CPU_MATH_MAX_KEYS`` keys without dropout runs ``math_attention`` (fp32 matmuls and
+softmax, GQA by reshaping the query heads) instead of the SDPA kernel, whose backward is slower at these lengths.
 ``SharedPromptSeqParams`` (the trainer's ``train.share_prompts``) adds ``prefix_of``: a sequence that continues a
 shared prompt sequence attends to all of that prompt and causally to itself (one SDPA call over the prompt's and
 its own keys). Its RoPE positions continue the prompt's (``forward_step._rope_at``).
@@ -23,13 +26,12 @@ its own keys). Its RoPE positions continue the prompt's (``forward_step._rope_at
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from dataclasses import dataclass
 
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -41,6 +43,10 @@ from megatron.core.utils import divide
 
 _HAS_ENABLE_GQA = torch.__version__ >= (2, 5)  # the enable_gqa keyword of scaled_dot_product_attention
 _HALF = (torch.float16, torch.bfloat16)
+CPU_MATH_MAX_KEYS = 256
+"""On CPU, attention over at most this many keys (and no dropout) runs as fp32 matmuls and a softmax instead of
+PyTorch's CPU flash kernel, whose backward costs about 1.7x more at these lengths (``bench/sdpa_cpu.py``); longer
+rows keep the flash kernel, which does not hold the [s, s] probabilities for the backward. 0 = always the kernel."""
 _CHECKED_MASK: Optional[tuple] = None
 """(mask tensor, its version) last verified causal; shared by all layers so a step checks its mask once."""
 
@@ -112,6 +118,9 @@ class SDPAttention(MegatronModule):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, prefix: int = 0) -> Tensor:
         """Causal SDPA of q [b, np, s, hn] over k, v [b, ng, s, hn] -> [b, np, s, hn]. ``prefix`` > 0: k, v are
         [b, ng, prefix + s, hn], and every query also sees all of the first ``prefix`` keys (a shared prompt)."""
+        p = self.dropout_p if self.training else 0.0
+        if q.device.type == "cpu" and p == 0.0 and k.shape[2] <= CPU_MATH_MAX_KEYS:
+            return math_attention(q, k, v, self.softmax_scale, prefix)
         gqa = {}
         if self.num_groups != self.num_heads:
             if _HAS_ENABLE_GQA and q.is_cuda and q.dtype in _HALF:
@@ -119,7 +128,6 @@ class SDPAttention(MegatronModule):
             else:  # other backends would fall back to the math kernel with enable_gqa: repeat instead
                 rep = self.num_heads // self.num_groups
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        p = self.dropout_p if self.training else 0.0
         mask = {"is_causal": True}
         if prefix:  # query i sees keys 0 .. prefix + i (True = attend)
             s = q.shape[2]
@@ -183,6 +191,21 @@ class SDPAttention(MegatronModule):
                                     "the sdpa layer spec supports causal attention only, not padding or "
                                     "custom masks")
         _CHECKED_MASK = (mask, mask._version)  # holds a reference, so its identity cannot be recycled
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, prefix: int = 0) -> Tensor:
+    """softmax(q k^T * scale) v with fp32 scores, probabilities and products: q [b, np, s, hn], k/v [b, ng, prefix +
+    s, hn] -> [b, np, s, hn] in q's dtype. Query i sees keys 0 .. prefix + i (bottom-right causal). Query head h
+    uses KV group h // (np / ng), through a reshape rather than repeated keys."""
+    b, np_, s, hn = q.shape
+    ng, sk = k.shape[1], k.shape[2]
+    rep = np_ // ng
+    qf = q.float().reshape(b, ng, rep * s, hn)  # heads of one group side by side, as contiguous blocks of rows
+    scores = torch.matmul(qf, k.float().transpose(-1, -2)).view(b, ng, rep, s, sk) * scale
+    visible = torch.ones(s, sk, dtype=torch.bool, device=q.device).tril_(sk - s)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    out = torch.matmul(probs.view(b, ng, rep * s, sk), v.float())
+    return out.view(b, np_, s, hn).to(q.dtype)
 
 
 def _check_config(config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType) -> None:

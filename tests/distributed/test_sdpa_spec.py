@@ -1,6 +1,7 @@
 """The sdpa layer spec against Megatron's local spec on CPU/gloo: same weights (one dist checkpoint loaded into
 both), same layout, compared on logits, per-micro-batch LM losses through Megatron's pipeline schedule, and the
-gradient of every parameter. Layouts: TP=1, TP=2 (GQA: 2 query heads, 1 KV group per rank), PP=2 (1F1B).
+gradient of every parameter. Layouts: TP=1, TP=2 (GQA: 2 query heads, 1 KV group per rank), PP=2 (1F1B); TP=2 also
+with PyTorch's SDPA kernel in place of the CPU math path.
 Tolerance: fp32, 1e-5 absolute. Plus the inputs SDPAttention must refuse rather than silently mis-handle."""
 from __future__ import annotations
 
@@ -35,12 +36,16 @@ def _train_step(model, tokens, labels):
     return [l["lm loss"] for l in losses]
 
 
-def _compare_specs(rank, world, tmp, tp, pp):
+def _compare_specs(rank, world, tmp, tp, pp, kernel):
     from megatron.core import parallel_state as ps
 
+    import megatron_meml.model.sdpa_attention as sdpa_module
     from megatron_meml.model.provider import build_model, causal_mask
     from megatron_meml.model.sdpa_attention import SDPAttention
 
+    if kernel == "flash":  # every call through PyTorch's SDPA kernel, not the short-row CPU math path
+        sdpa_module.CPU_MATH_MAX_KEYS = 0
+    assert SEQ <= sdpa_module.CPU_MATH_MAX_KEYS or kernel == "flash"
     par = init_parallel(tp, pp)
     models = {}
     for spec in ("local", "sdpa"):
@@ -77,9 +82,12 @@ def reference(tmp_path_factory):
     return tmp
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2_1f1b"])
-def test_sdpa_spec_matches_local_spec(reference, tp, pp):
-    run_distributed(_compare_specs, tp * pp, reference, tp, pp, megatron=True)
+@pytest.mark.parametrize("tp,pp,kernel", [(1, 1, "math"), (2, 1, "math"), (1, 2, "math"), (2, 1, "flash")],
+                         ids=["tp1", "tp2", "pp2_1f1b", "tp2_flash"])
+def test_sdpa_spec_matches_local_spec(reference, tp, pp, kernel):
+    """On CPU these short rows take the fp32 math path (sdpa_attention.CPU_MATH_MAX_KEYS); tp2_flash forces the
+    SDPA kernel instead, so both paths are held to Megatron's local attention."""
+    run_distributed(_compare_specs, tp * pp, reference, tp, pp, kernel, megatron=True)
 
 
 def _refusals(rank, world):
