@@ -8,6 +8,8 @@ rows of a prompt share one copy of it). Kernels: ``math`` (fp32 matmuls + softma
 call, as before). Rows: ``--prompts`` prompts of ``--prompt-len`` tokens, ``--group`` responses each of 20-82 tokens
 (the shape of ``bench/step_vs_trl.py --real``: 8 x 8 rows, ~95 + ~51 tokens). Prints seconds per step for each
 (layout, kernel), ``<layout> math/flash step ratio N`` and ``shared/padded step ratio N`` (math kernel).
+``--norms bf16,fp32`` adds a second model whose RMSNorm weights stay fp32 (as Megatron's torch norms made them before
+``provider._norms_in_params_dtype``) and prints ``<layout> bf16/fp32 norms step ratio N`` (math kernel).
 
     .venv/bin/python bench/train_step_layouts.py --model .models/SmolLM2-135M-Instruct --reps 2
 """
@@ -30,6 +32,7 @@ p.add_argument("--prompts", type=int, default=8)
 p.add_argument("--group", type=int, default=8, help="responses per prompt")
 p.add_argument("--prompt-len", type=int, default=95)
 p.add_argument("--pack-tokens", type=int, default=2048, help="train.max_tokens_per_micro_batch of packed/shared")
+p.add_argument("--norms", default="bf16", help="comma list of bf16 (the default) and fp32 (norm weights kept fp32)")
 p.add_argument("--out", default=None, help="write the seconds and ratios as JSON here")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
@@ -52,10 +55,25 @@ init_distributed(cfg.parallel)
 torch.manual_seed(0)
 model_parallel_cuda_manual_seed(0)
 arch = arch_from_model_config(cfg.model)
-state = setup_training(arch, cfg.model, cfg.parallel, cfg.train, lr=cfg.train.lr)
-load_hf_weights(Path(args.model), state.model, arch)
-state.optimizer.reload_model_params()
+norms = args.norms.split(",")
 
+
+def build_state(norm_dtype: str):
+    import megatron_meml.model.provider as provider
+
+    keep = provider._norms_in_params_dtype
+    if norm_dtype == "fp32":
+        provider._norms_in_params_dtype = lambda model, dtype: None
+    try:
+        state = setup_training(arch, cfg.model, cfg.parallel, cfg.train, lr=cfg.train.lr)
+    finally:
+        provider._norms_in_params_dtype = keep
+    load_hf_weights(Path(args.model), state.model, arch)
+    state.optimizer.reload_model_params()
+    return state
+
+
+states = {n: build_state(n) for n in norms}
 rng = random.Random(0)
 rows = []
 for g in range(args.prompts):
@@ -67,11 +85,17 @@ for g in range(args.prompts):
                         rollout_logprobs=[-1.5 * m for m in scored]))
 batch = to_train_batch(rows, 0)
 mb = cfg.train.micro_batch_size
-trainers = {"padded": Trainer(state, cfg.algo, micro_batch_size=mb, pad_id=0),
+
+
+def make_trainers(state):
+    return {"padded": Trainer(state, cfg.algo, micro_batch_size=mb, pad_id=0),
             "packed": Trainer(state, cfg.algo, micro_batch_size=mb, pad_id=0,
                               max_tokens_per_micro_batch=args.pack_tokens),
             "shared": Trainer(state, cfg.algo, micro_batch_size=mb, pad_id=0,
                               max_tokens_per_micro_batch=args.pack_tokens, share_prompts=True)}
+
+
+trainers = {n: make_trainers(st) for n, st in states.items()}
 layouts, kernels = args.layouts.split(","), args.kernels.split(",")
 default_keys = sdpa.CPU_MATH_MAX_KEYS
 best: dict = {}
@@ -79,23 +103,29 @@ tokens: dict = {}
 for rep in range(args.reps):
     for layout in layouts:
         for kernel in kernels:
-            sdpa.CPU_MATH_MAX_KEYS = default_keys if kernel == "math" else 0
-            t = time.perf_counter()
-            out = trainers[layout].train_step(batch)
-            dt = time.perf_counter() - t
-            key = f"{layout}/{kernel}"
-            best[key] = min(best.get(key, dt), dt)
-            tokens[layout] = out.get("train/model_tokens")
-            print(f"[rep {rep}] {key}: {dt:.2f} s ({tokens[layout]:.0f} model tokens)", flush=True)
+            for norm in norms:
+                if norm != norms[0] and kernel != "math":
+                    continue  # the norm comparison runs on the default kernel only
+                sdpa.CPU_MATH_MAX_KEYS = default_keys if kernel == "math" else 0
+                t = time.perf_counter()
+                out = trainers[norm][layout].train_step(batch)
+                dt = time.perf_counter() - t
+                key = f"{layout}/{kernel}" + ("" if norm == "bf16" else f"/{norm}-norms")
+                best[key] = min(best.get(key, dt), dt)
+                tokens[layout] = out.get("train/model_tokens")
+                print(f"[rep {rep}] {key}: {dt:.2f} s ({tokens[layout]:.0f} model tokens)", flush=True)
 sdpa.CPU_MATH_MAX_KEYS = default_keys
 print(f"rows {len(rows)}, threads {args.threads}, best of {args.reps}:")
 for key, sec in best.items():
     print(f"  {key:14s} {sec:7.2f} s/step")
 ratios = {}
-if "math" in kernels and "flash" in kernels:
+if "math" in kernels and "flash" in kernels and norms[0] == "bf16":
     for layout in layouts:
         ratios[f"{layout} math/flash step ratio"] = best[f"{layout}/math"] / best[f"{layout}/flash"]
-if "math" in kernels and "shared" in layouts and "padded" in layouts:
+if "math" in kernels and "bf16" in norms and "fp32" in norms:
+    for layout in layouts:
+        ratios[f"{layout} bf16/fp32 norms step ratio"] = best[f"{layout}/math"] / best[f"{layout}/math/fp32-norms"]
+if "math" in kernels and "shared" in layouts and "padded" in layouts and "bf16" in norms:
     ratios["shared/padded step ratio"] = best["shared/math"] / best["padded/math"]
 for name, value in ratios.items():
     print(f"{name} {value:.3f}")

@@ -100,8 +100,6 @@ class Param:
     numel: int
     shared_embedding: bool = False
     """Megatron puts a tied embedding copied across pipeline stages in its own DDP bucket."""
-    norm: bool = False
-    """An RMSNorm weight: fp32 under the local spec (torch norm) whatever the model dtype; model dtype under TE."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,12 +167,12 @@ def _layer_params(arch: ArchSpec, tp: int, i: int) -> list[Param]:
     h, d = arch.hidden_size, arch.head_dim
     q, kv, f = arch.num_attention_heads * d, arch.num_kv_heads * d, arch.ffn_hidden_size
     pre = f"decoder.layers.{i}."
-    out = [Param(pre + "input_layernorm.weight", h, norm=True),
+    out = [Param(pre + "input_layernorm.weight", h),
            Param(pre + "self_attention.linear_proj.weight", h * q // tp),
            Param(pre + "self_attention.linear_qkv.weight", (q + 2 * kv) // tp * h)]
     if arch.qkv_bias:
         out.append(Param(pre + "self_attention.linear_qkv.bias", (q + 2 * kv) // tp))
-    out += [Param(pre + "pre_mlp_layernorm.weight", h, norm=True),
+    out += [Param(pre + "pre_mlp_layernorm.weight", h),
             Param(pre + "mlp.linear_fc1.weight", 2 * f // tp * h),
             Param(pre + "mlp.linear_fc2.weight", h * f // tp)]
     return out
@@ -193,7 +191,7 @@ def chunk_params(arch: ArchSpec, tp: int, pp: int, vpp: int | None, stage: int, 
     for i in range(per):
         out += _layer_params(arch, tp, start + i)
     if last:
-        out.append(Param("decoder.final_layernorm.weight", arch.hidden_size, norm=True))
+        out.append(Param("decoder.final_layernorm.weight", arch.hidden_size))
         if not (arch.tie_embeddings and first):
             out.append(Param("output_layer.weight", emb, shared_embedding=arch.tie_embeddings))
     return out
@@ -261,14 +259,15 @@ class RankState:
     """Optimizer-state bytes of each data-parallel rank [dp]."""
 
 
-def rank_state(arch: ArchSpec, par, dtype: str, fp32_norms: bool, stage: int, dp: int) -> RankState:
-    """The exact state on pipeline rank ``stage`` for ``dp`` data-parallel ranks; ``fp32_norms``: local spec."""
+def rank_state(arch: ArchSpec, par, dtype: str, stage: int, dp: int) -> RankState:
+    """The exact state on pipeline rank ``stage`` for ``dp`` data-parallel ranks. Every weight, the norms too, is in
+    the model dtype under every layer spec (``provider._norms_in_params_dtype`` for the torch norms)."""
     params = buf = wbytes = 0
     shards, obytes = [0] * dp, [0] * dp
     for c in range(par.vpp or 1):
         groups: dict[str, list[Param]] = {}
         for p in chunk_params(arch, par.tp, par.pp, par.vpp, stage, c):
-            groups.setdefault("fp32" if p.norm and fp32_norms else dtype, []).append(p)
+            groups.setdefault(dtype, []).append(p)
         for gdtype, ps in groups.items():
             n, sh = buffer_shards(ps, dp, par.distributed_optimizer)
             params += sum(p.numel for p in ps)
@@ -398,7 +397,7 @@ def stage_memory(cfg, arch: ArchSpec, dp: int, stage: int, microbatches: int, gp
     """Per-GPU bytes on pipeline ``stage``; see the module docstring for which rows are exact."""
     par, m, ro = cfg.parallel, cfg.model, cfg.rollout
     dbytes = DTYPE_BYTES[m.dtype]
-    rs = rank_state(arch, par, m.dtype, m.layer_spec in ("local", "sdpa"), stage, dp)
+    rs = rank_state(arch, par, m.dtype, stage, dp)
     tokens = (cfg.train.max_tokens_per_micro_batch  # packed: the budget bounds a micro-batch's tokens
               or (ro.max_prompt_tokens + ro.max_new_tokens) * cfg.train.micro_batch_size)
     layers = arch.num_layers // (par.pp * (par.vpp or 1))

@@ -136,12 +136,25 @@ def build_model(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfig, *, v
         max_sequence_length=arch.max_position_embeddings, pre_process=first, post_process=last,
         parallel_output=True, share_embeddings_and_output_weights=arch.tie_embeddings,
         position_embedding_type="rope", rotary_base=int(arch.rope_theta), vp_stage=vp_stage)
+    _norms_in_params_dtype(model, tcfg.params_dtype)
     rope = getattr(model, "rotary_pos_emb", None)
     if rope is not None:  # exact HF inverse frequencies (Llama 3.x scaling included)
         rope.inv_freq = rope_inv_freq(arch).to(rope.inv_freq.device)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _norms_in_params_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Megatron's torch norms (the sdpa and local specs' ``WrappedTorchNorm``) make their weights in fp32 whatever
+    ``params_dtype`` is, and a bf16 activation with an fp32 weight misses torch's fused RMSNorm kernel (4x slower
+    forward on CPU). Give them ``params_dtype`` like every other weight (and like TE's norms); the distributed
+    optimizer keeps their fp32 main copy, as for the rest."""
+    if dtype == torch.float32:
+        return
+    for module in model.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            module.to(dtype)
 
 
 def unwrap(chunk: Any) -> Any:

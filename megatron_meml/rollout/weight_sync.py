@@ -6,8 +6,8 @@ to the rollout rank (global rank 0) in safetensors buckets of ``rollout.sync_buc
 indices (so stages never collide on names). Names come from the conversion tables
 (``checkpoints_convert.mappings``), the same mapping the checkpoint converter uses. The engine validates the
 complete set before loading it, then resets its prefix cache (``VLLMBackend.update_weights``). Every tensor is cast to
-the engine's dtype on the rank that sends it (under bf16 the trainer keeps its norm weights in fp32; the engine's
-are bf16), so the engine never converts on load and the wire carries the engine's bytes.
+the engine's dtype on the rank that sends it (a bf16 trainer may feed an fp32 engine, or the reverse), so the engine
+never converts on load and the wire carries the engine's bytes.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 For several layouts (DP=2 fp32 and bf16, TP=2, PP=2 with tied embeddings, PP=2 x VPP=2) each rank builds the
 model with ``setup_training``, takes one optimizer step (Adam allocates its state lazily), and compares with the
 planner element for element: parameters on the rank, padded grad-buffer elements, the optimizer shard
-(exp_avg and exp_avg_sq numel) and the optimizer bytes (moments + fp32 main params); the local spec keeps RMSNorm weights in fp32 (their own buffer) even in a
-bf16 model, and the planner is told so (``fp32_norms=True``). The shape is deliberately
+(exp_avg and exp_avg_sq numel) and the optimizer bytes (moments + fp32 main params); a bf16 model holds its RMSNorm
+weights in bf16 too (one buffer, with fp32 main copies). The shape is deliberately
 unaligned (hidden 40, head_dim 10, vocab 50) so that Megatron's 64-element and lcm(dp, 128) padding shows.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _body(rank, world):
         state.optimizer.step()
         got = _measure(state)
 
-        rs = rank_state(arch, par, dtype, True, ps.get_pipeline_model_parallel_rank(),
+        rs = rank_state(arch, par, dtype, ps.get_pipeline_model_parallel_rank(),
                         ps.get_data_parallel_world_size())
         r = ps.get_data_parallel_rank()
         want = (rs.params, rs.buffer_numel, rs.weight_bytes, rs.shards[r], rs.optim_bytes[r])

@@ -97,21 +97,22 @@ def _engine_dtype_body(rank, world, tmp):
     mcfg = ModelConfig(**SHAPE, tie_embeddings=True, dtype="bf16")
     arch = arch_from_model_config(mcfg)
     chunks = [build_model(arch, mcfg, par)]
-    own = collect_hf_weights(chunks, arch)  # the trainer's dtypes: bf16, norm weights fp32
+    # a bf16 trainer holds every weight in bf16, the norms too (provider._norms_in_params_dtype)
+    assert all(t.dtype == torch.bfloat16 for t in chunks[0].parameters()), \
+        [n for n, t in chunks[0].named_parameters() if t.dtype != torch.bfloat16]
+    own = collect_hf_weights(chunks, arch)
     engine = _RecordingEngine() if rank == 0 else None
-    metrics = sync_weights(engine, chunks, arch, dtype=torch.bfloat16, bucket_mb=1)
+    metrics = sync_weights(engine, chunks, arch, dtype=torch.float32, bucket_mb=1)  # an fp32 engine
     if rank != 0:
         return
-    fp32 = [n for n, t in own if t.dtype == torch.float32]
-    assert fp32 and all("norm" in n for n in fp32), fp32
     want = dict(own)
     assert sorted(n for n, _ in engine.named) == sorted(want) and len(engine.named) == len(want)
     for name, got in engine.named:
-        assert got.dtype == torch.bfloat16, name
-        torch.testing.assert_close(got, want[name].to(torch.bfloat16), atol=0, rtol=0)
-    assert metrics["weight_sync/bytes"] == sum(t.numel() * 2 for _, t in own)
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, want[name].to(torch.float32), atol=0, rtol=0)
+    assert metrics["weight_sync/bytes"] == sum(t.numel() * 4 for _, t in own)
 
 
 def test_sync_casts_to_the_engine_dtype_tp2xpp2(tmp_path):
-    """bf16 trainer (fp32 norm weights) -> a bf16 engine: every pushed tensor is bf16, from every stage."""
+    """bf16 trainer -> an fp32 engine: every pushed tensor is fp32 (the exact upcast), from every stage."""
     run_distributed(_engine_dtype_body, 4, tmp_path, megatron=True)
