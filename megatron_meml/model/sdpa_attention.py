@@ -17,11 +17,12 @@ Packed sequences (``PackedSeqParams`` with qkv_format ``thd``, the trainer's pad
 [t, np, hn], key/value [t, ng, hn], context [t, hp]; each sequence of ``cu_seqlens`` attends causally to itself
 only, one attention call per sequence (on CPU cheaper than a block-diagonal mask over the whole stream).
 
-On CPU, a call over at most ``CPU_MATH_MAX_KEYS`` keys without dropout runs ``math_attention`` (fp32 matmuls and
-softmax, GQA by reshaping the query heads) instead of the SDPA kernel, whose backward is slower at these lengths.
 ``SharedPromptSeqParams`` (the trainer's ``train.share_prompts``) adds ``prefix_of``: a sequence that continues a
 shared prompt sequence attends to all of that prompt and causally to itself (one SDPA call over the prompt's and
 its own keys). Its RoPE positions continue the prompt's (``forward_step._rope_at``).
+
+On CPU, a call over at most ``CPU_MATH_MAX_KEYS`` keys without dropout runs ``math_attention`` (fp32 matmuls and
+softmax, GQA by reshaping the query heads) instead of the SDPA kernel, whose backward is slower at these lengths.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ _HAS_ENABLE_GQA = torch.__version__ >= (2, 5)  # the enable_gqa keyword of scale
 _HALF = (torch.float16, torch.bfloat16)
 CPU_MATH_MAX_KEYS = 256
 """On CPU, attention over at most this many keys (and no dropout) runs as fp32 matmuls and a softmax instead of
-PyTorch's CPU flash kernel, whose backward costs about 1.7x more at these lengths (``bench/sdpa_cpu.py``); longer
+PyTorch's CPU flash kernel, whose backward costs about 1.7x more at these lengths (docs/performance.md, ``bench/train_step_layouts.py``); longer
 rows keep the flash kernel, which does not hold the [s, s] probabilities for the backward. 0 = always the kernel."""
 _CHECKED_MASK: Optional[tuple] = None
 """(mask tensor, its version) last verified causal; shared by all layers so a step checks its mask once."""
