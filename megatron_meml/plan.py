@@ -264,17 +264,14 @@ def rank_state(arch: ArchSpec, par, dtype: str, stage: int, dp: int) -> RankStat
     the model dtype under every layer spec (``provider._norms_in_params_dtype`` for the torch norms)."""
     params = buf = wbytes = 0
     shards, obytes = [0] * dp, [0] * dp
-    for c in range(par.vpp or 1):
-        groups: dict[str, list[Param]] = {}
-        for p in chunk_params(arch, par.tp, par.pp, par.vpp, stage, c):
-            groups.setdefault(dtype, []).append(p)
-        for gdtype, ps in groups.items():
-            n, sh = buffer_shards(ps, dp, par.distributed_optimizer)
-            params += sum(p.numel for p in ps)
-            buf += n
-            wbytes += (n if par.distributed_optimizer else sum(p.numel for p in ps)) * DTYPE_BYTES[gdtype]
-            shards = [a + b for a, b in zip(shards, sh)]
-            obytes = [a + optimizer_bytes(b, gdtype) for a, b in zip(obytes, sh)]
+    for c in range(par.vpp or 1):  # one grad buffer per model chunk: every weight has the model dtype
+        ps = chunk_params(arch, par.tp, par.pp, par.vpp, stage, c)
+        n, sh = buffer_shards(ps, dp, par.distributed_optimizer)
+        params += sum(p.numel for p in ps)
+        buf += n
+        wbytes += (n if par.distributed_optimizer else sum(p.numel for p in ps)) * DTYPE_BYTES[dtype]
+        shards = [a + b for a, b in zip(shards, sh)]
+        obytes = [a + optimizer_bytes(b, dtype) for a, b in zip(obytes, sh)]
     return RankState(params=params, buffer_numel=buf, weight_bytes=wbytes, shards=shards, optim_bytes=obytes)
 
 

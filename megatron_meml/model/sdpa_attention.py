@@ -46,8 +46,9 @@ _HAS_ENABLE_GQA = torch.__version__ >= (2, 5)  # the enable_gqa keyword of scale
 _HALF = (torch.float16, torch.bfloat16)
 CPU_MATH_MAX_KEYS = 256
 """On CPU, attention over at most this many keys (and no dropout) runs as fp32 matmuls and a softmax instead of
-PyTorch's CPU flash kernel, whose backward costs about 1.7x more at these lengths (docs/performance.md, ``bench/train_step_layouts.py``); longer
-rows keep the flash kernel, which does not hold the [s, s] probabilities for the backward. 0 = always the kernel."""
+PyTorch's CPU flash kernel, whose backward costs about 1.7x more at these lengths (docs/performance.md,
+``bench/train_step_layouts.py``); longer rows keep the flash kernel, which does not hold the [s, s] probabilities for
+the backward. 0 = always the kernel."""
 _CHECKED_MASK: Optional[tuple] = None
 """(mask tensor, its version) last verified causal; shared by all layers so a step checks its mask once."""
 
