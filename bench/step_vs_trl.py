@@ -31,11 +31,12 @@ printed both from the median over repeats and from each side's best (least conte
 Usage:  .venv/bin/python bench/step_vs_trl.py [--repeats 3] [--steps 20] [--warmup 2] [--json-out FILE]
 
 Real-model mode (``--real .models/SmolLM2-135M-Instruct``), at 2 threads on both sides:
-  trl     bench/trl_real_grpo.py in the TRL venv: TRL 1.16.0 GRPOTrainer, HF generate, bf16 (use_cpu, bf16=True),
+  trl     bench/trl_real_grpo.py in the TRL venv: TRL 1.16.0 GRPOTrainer, HF generate, in the precision of our side
+          (bf16=True where the recipe's model.dtype: auto picks bf16, i.e. CPUs with native bf16 matmuls; else fp32),
           8 prompts x 8 generations x 64 new tokens, T=0.7, lr 1e-5, reward "The answer is X" = gold.
   grpo    recipes/smollm2-wordmath.yaml in plain GRPO mode (one expert, no mutual learning, no hard examples,
           std-normalised advantages, clipped ratio), 8 problems x 8 samples x 64 new tokens, T=0.7: vLLM rollout,
-          bf16 trainer, weight sync.
+          trainer in the recipe's dtype (auto), weight sync.
   packed  as grpo with train.max_tokens_per_micro_batch=2048 (padding-free micro-batches).
   allpos  as grpo with train.logits_at_scored_only=false (the output layer on every position, prompts included).
   shared  as packed with train.share_prompts=true (the 8 samples of a prompt share one copy of it).
@@ -133,14 +134,16 @@ def run_ours(side: str, steps: int, warmup: int, json_out: str, real: str = "") 
     from megatron_meml.data.sampler import ProblemSampler
     from megatron_meml.hard_examples.store import HardExampleStore
     from megatron_meml.loop import riel_step
+    from megatron_meml.model.dtype import for_this_machine
     from megatron_meml.run import setup_run
     from megatron_meml.stages import _start_rollout
 
     work = Path(tempfile.mkdtemp(prefix=f"step_vs_trl_{side}_"))
     for eid, text in PROMPTS.items():
         (work / f"{eid}.txt").write_text(text + "\n")
-    if real:
-        cfg = load_config(REAL_RECIPE, real_overrides(side, warmup + steps, str(work / "runs"), real))
+    if real:  # the recipe's model.dtype: auto, made concrete as `meml train` does
+        cfg = for_this_machine(load_config(REAL_RECIPE, real_overrides(side, warmup + steps, str(work / "runs"),
+                                                                       real)))
     else:
         cfg = load_config(None, side_overrides(side, warmup + steps, str(work / "runs"), str(work)))
     ctx = setup_run(cfg, "train")
@@ -222,7 +225,8 @@ def run_trl_real(py: Path, model: str, steps: int, warmup: int, out: Path, promp
     js = out / f"trl_real.{rep}.json"
     run_child([str(py), str(ROOT / "bench" / "trl_real_grpo.py"), "--model", model, "--prompts", str(prompts),
                "--out-dir", str(out / "trl_real_out"), "--json-out", str(js), "--steps", str(steps), "--warmup",
-               str(warmup), "--threads", str(REAL_THREADS)], out / f"trl_real.{rep}.log", threads=REAL_THREADS)
+               str(warmup), "--threads", str(REAL_THREADS), "--bf16", str(int(real_bf16()))],
+              out / f"trl_real.{rep}.log", threads=REAL_THREADS)
     rec = json.loads(js.read_text())
     rest = statistics.median(s - g for s, g in zip(rec["step_times"], rec["gen_times"]))
     return {"side": "trl", "seconds_per_step": rec["seconds_per_step_median"],
@@ -232,6 +236,14 @@ def run_trl_real(py: Path, model: str, steps: int, warmup: int, out: Path, promp
             "prompt_len_mean": rec["prompt_len_mean"], "train_rows_mean": 64, "mutual_pairs_mean": 0.0,
             "reward_mean": statistics.mean(h["reward"] for h in rec["log"]) if rec["log"] else float("nan"),
             "torch_threads": rec["threads"], "step_times": rec["step_times"]}
+
+
+def real_bf16() -> bool:
+    """Whether the real-model sides run in bf16: what the recipe's ``model.dtype: auto`` picks on this machine
+    (bf16 with native bf16 matmuls, else fp32), so TRL gets the same precision as ours."""
+    from megatron_meml.model.dtype import auto_dtype
+
+    return auto_dtype()[0] == "bf16"
 
 
 def anchor_prompt_len() -> float:

@@ -33,14 +33,17 @@ Usage:
   python bench/train_throughput.py                       # CPU: tiny shape, a b c, one thread per process
   python bench/train_throughput.py --shapes qwen2.5-1.5b,qwen2.5-0.5b --variants a,c,b,c16 --out results.json
   python bench/train_throughput.py --real-model /tmp/smol --threads 2 --steps 1 --repeats 1
-                                                         # CPU real-model row: ar vs cr on SmolLM2-135M, bf16
+                                                         # CPU real-model row: ar vs cr on SmolLM2-135M
   ar    megatron_meml's GRPO train step on the real model (pretrained weights, recipes/smollm2-wordmath.yaml:
-        bf16, paper_pg) on --real-rows rows of 40..300 tokens (what RIEL rollouts produce).
+        model.dtype auto, paper_pg) on --real-rows rows of 40..300 tokens (what RIEL rollouts produce).
   arp   as ar with the rows packed padding-free (train.max_tokens_per_micro_batch=--pack-tokens, THD layout).
   cr    HF transformers on the same rows as its Trainer runs them: fp32 weights under bf16 autocast, sdpa,
         batches of 8 padded to their longest, fused AdamW. Prints `cpu real-model train ratio N` (arp / cr tokens
-        per second), `packed/padded train ratio N` (arp / ar) and each side's GFLOP/s against the bf16 matmul
-        peak measured in the same process.
+        per second), `packed/padded train ratio N` (arp / ar) and each side's GFLOP/s against the matmul peak in
+        the row's dtype, measured in the same process.
+  The row's dtype is what the recipe's model.dtype: auto picks on this CPU (megatron_meml.model.dtype): bf16 (ar
+  bf16 params, cr bf16 autocast) with native bf16 matmuls (AVX512-BF16, AMX), fp32 on both sides elsewhere,
+  where bf16 matmuls are emulated ~50x slower.
 On CPU, Megatron needs the CPU shim: megatron_meml.model.cpu_compat (tests.megatron_cpu in older trees); it is
 never installed when CUDA is available.
 """
@@ -355,7 +358,8 @@ def _real_rows(args) -> list[tuple[list[int], int]]:
 
 def _real_meml_step_fn(args, rows, packed: bool = False):
     """(ar): megatron_meml's GRPO step as ``meml train`` runs it on the real model: the smollm2-wordmath recipe
-    (bf16 params + fp32 main params, paper_pg loss with rollout log-probs, micro_batch_size 8), rows through
+    (model.dtype auto: bf16 params + fp32 main params where bf16 is native, else fp32; paper_pg loss with rollout
+    log-probs, micro_batch_size 8), rows through
     batching.to_train_batch (sorted by length) and Trainer.train_step (each micro-batch trimmed to its rows)."""
     from pathlib import Path
 
@@ -398,11 +402,15 @@ def _real_meml_step_fn(args, rows, packed: bool = False):
 
 
 def _real_hf_step_fn(args, rows):
-    """(cr): HF transformers as its Trainer runs by default: fp32 weights under bf16 autocast, sdpa, batches of 8
-    rows in data order each right-padded to its longest (with attention mask), labels -100 on prompt and padding,
-    torch AdamW fused (the Trainer's default optimizer with torch >= 2.8), grad clip 1.0."""
+    """(cr): HF transformers as its Trainer runs by default: fp32 weights under bf16 autocast (plain fp32 where
+    ``model.dtype: auto`` picks fp32), sdpa, batches of 8 rows in data order each right-padded to its longest (with
+    attention mask), labels -100 on prompt and padding, torch AdamW fused (the Trainer's default optimizer with
+    torch >= 2.8), grad clip 1.0."""
     from transformers import AutoModelForCausalLM
 
+    from megatron_meml.model.dtype import auto_dtype
+
+    bf16 = auto_dtype()[0] == "bf16"
     model = AutoModelForCausalLM.from_pretrained(args.real_model, attn_implementation="sdpa", dtype=torch.float32)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
@@ -420,7 +428,7 @@ def _real_hf_step_fn(args, rows):
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         for ids, att, labels in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(input_ids=ids, attention_mask=att, labels=labels).loss / len(batches)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -429,9 +437,9 @@ def _real_hf_step_fn(args, rows):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def _bf16_matmul_gflops(n: int = 2048, reps: int = 3) -> float:
-    """This process's bf16 matmul rate now (best of ``reps`` n^3 products at the set thread count)."""
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def _matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+    """This process's matmul rate in ``dtype`` now (best of ``reps`` n^3 products at the set thread count)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -442,8 +450,10 @@ def _bf16_matmul_gflops(n: int = 2048, reps: int = 3) -> float:
 
 
 def run_real_child(variant: str, args) -> dict:
-    """One side of the real-model row: build, warm up, time; the bf16 matmul peak is measured in this process
-    before and after the timed steps (the higher is kept), so it sees the same machine load."""
+    """One side of the real-model row: build, warm up, time; the matmul peak in the row's dtype is measured in this
+    process before and after the timed steps (the higher is kept), so it sees the same machine load."""
+    from megatron_meml.model.dtype import auto_dtype
+
     torch.set_num_threads(args.threads)
     rows = _real_rows(args)
     if variant == "cr":
@@ -452,17 +462,18 @@ def run_real_child(variant: str, args) -> dict:
         step, n_params = _real_meml_step_fn(args, rows, packed=variant == "arp")
     for _ in range(args.warmup):
         step()
-    peak = _bf16_matmul_gflops()
+    dtype = auto_dtype()[0]
+    peak = _matmul_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     wall = (time.perf_counter() - t0) / args.steps
-    peak = max(peak, _bf16_matmul_gflops())
+    peak = max(peak, _matmul_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32))
     shape = SHAPES["smollm2-135m"]
     tokens = sum(len(toks) for toks, _ in rows)
     flops = sum(len(toks) * shape.flops_per_token(len(toks)) for toks, _ in rows)  # real tokens only, no padding
     return {"variant": variant, "name": VARIANTS[variant], "shape": "smollm2-135m", "tokens_per_s": tokens / wall,
-            "step_s": wall, "tokens": tokens, "gflops": flops / wall / 1e9, "peak_gflops": peak, "params": n_params,
+            "step_s": wall, "tokens": tokens, "gflops": flops / wall / 1e9, "peak_gflops": peak, "dtype": dtype, "params": n_params,
             "peak_mib": _peak_rss_mib(), "peak_kind": "rss_hwm", "device": "cpu", "torch": torch.__version__}
 
 
@@ -476,7 +487,7 @@ def _real_report(rows: dict, args) -> list[str]:
             lines.append(f"  {v} {VARIANTS[v]:18} {r['error']}")
             continue
         lines.append(f"  {v} {r['name']:18} {r['tokens_per_s']:8.1f} tok/s  {r['step_s']:7.2f} s/step  "
-                     f"{r['gflops']:6.1f} GFLOP/s = {r['gflops'] / r['peak_gflops']:5.1%} of the bf16 matmul peak "
+                     f"{r['gflops']:6.1f} GFLOP/s = {r['gflops'] / r['peak_gflops']:5.1%} of the {r.get('dtype', 'bf16')} matmul peak "
                      f"{r['peak_gflops']:.0f} GFLOP/s (same process)  peak RSS {r['peak_mib']:.0f} MiB")
     ok = {v for v in REAL if "error" not in rows.get(v, {"error": 1})}
     if {"arp", "cr"} <= ok:
@@ -589,7 +600,7 @@ def _parse(argv=None):
     p.add_argument("--child-timeout-s", type=float, default=600, help="per-variant subprocess limit")
     p.add_argument("--out", default=None, help="write rows + report lines as JSON here")
     p.add_argument("--real-model", default=None, help="HF dir of SmolLM2-135M(-Instruct): run only the CPU "
-                                                          "real-model row (ar vs cr, bf16) and its ratio")
+                                                          "real-model row (ar vs cr) and its ratio")
     p.add_argument("--real-rows", type=int, default=64, help="rows of the real-model row")
     p.add_argument("--pack-tokens", type=int, default=2048, help="arp: train.max_tokens_per_micro_batch")
     p.add_argument("--real-variants", default=",".join(REAL), help=f"comma list of {list(REAL)} (real-model row)")

@@ -5,7 +5,7 @@ wrote (already chat-templated text, so both sides see the same tokens) with thei
 ``GRPOConfig`` as below and HF generate, and writes per-step wall times, generation times and token counts.
 
     GRPOConfig(per_device_train_batch_size=G * prompts, num_generations=G, max_completion_length=N,
-               learning_rate=1e-5, bf16=True, use_cpu=True, temperature=T, beta=0.0, num_iterations=1,
+               learning_rate=1e-5, bf16=(--bf16 1), use_cpu=True, temperature=T, beta=0.0, num_iterations=1,
                loss_type default, save_strategy='no', report_to='none', seed=0, use_vllm=False)
 
 The reward is 1.0 when the last "The answer is X" in the completion names the gold number, else 0.0: the rule of
@@ -31,6 +31,7 @@ P.add_argument("--temperature", type=float, default=0.7)
 P.add_argument("--steps", type=int, default=3)
 P.add_argument("--warmup", type=int, default=1)
 P.add_argument("--threads", type=int, default=2)
+P.add_argument("--bf16", type=int, default=1, help="1: bf16 autocast (TRL's bf16=True), 0: fp32")
 ARGS = P.parse_args()
 
 import torch  # noqa: E402
@@ -62,10 +63,10 @@ model = AutoModelForCausalLM.from_pretrained(ARGS.model, dtype=torch.float32)
 total = ARGS.warmup + ARGS.steps
 config = GRPOConfig(output_dir=ARGS.out_dir, per_device_train_batch_size=ARGS.prompts_per_step * ARGS.generations,
                     gradient_accumulation_steps=1, num_generations=ARGS.generations,
-                    max_completion_length=ARGS.max_new_tokens, max_steps=total, learning_rate=1e-5, bf16=True,
-                    use_cpu=True, temperature=ARGS.temperature, beta=0.0, num_iterations=1, logging_steps=1,
-                    save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                    use_vllm=False)
+                    max_completion_length=ARGS.max_new_tokens, max_steps=total, learning_rate=1e-5,
+                    bf16=bool(ARGS.bf16), use_cpu=True, temperature=ARGS.temperature, beta=0.0, num_iterations=1,
+                    logging_steps=1, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
+                    disable_tqdm=True, use_vllm=False)
 step_t, gen_t, gen_tokens, rewards = [], [], [], []
 
 

@@ -117,11 +117,12 @@ def _stage(args: argparse.Namespace) -> int:
     from megatron_meml import stages
     from megatron_meml.checkpoint import CheckpointError
     from megatron_meml.data.rows import DataError
+    from megatron_meml.model.dtype import for_this_machine
     from megatron_meml.run import RunError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        cfg = load_config(args.recipe, args.overrides)
+        cfg = for_this_machine(load_config(args.recipe, args.overrides))
         if args.cmd == "sft":
             print(f"meml sft: model written to {stages.run_sft(cfg)}")
         elif args.cmd == "train":

@@ -30,7 +30,8 @@ RUNTIME_OVERHEAD_GIB = 2.5
 VLLM_OVERHEAD_GIB = 2.0
 """vLLM's non-KV, non-weight memory inside its gpu_memory_utilization share: CUDA graphs, the profile-run
 activation peak and the sampler workspace (an estimate)."""
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "auto": 2}
+"""Bytes per element of each ``model.dtype``; ``auto`` is bf16 on the GPUs a plan is for."""
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}

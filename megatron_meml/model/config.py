@@ -6,7 +6,7 @@ from typing import Optional
 
 FAMILIES = ("qwen2", "llama")
 SPECS = ("auto", "te", "local", "sdpa")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("fp32", "bf16", "fp16", "auto")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
@@ -44,7 +44,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     """Inline: share input embedding and output layer weights."""
     dtype: str = "fp32"
-    """Parameter dtype: fp32, bf16 or fp16."""
+    """Parameter dtype: fp32, bf16, fp16, or auto: bf16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16,
+    AMX, Arm BF16), fp32 on other CPUs, where bf16 is emulated ~60x slower (``model/dtype.py``)."""
     layer_spec: str = "auto"
     """auto (TE when transformer_engine imports, else sdpa), te, local, sdpa (local layers + PyTorch SDPA attention)."""
     fp8: Optional[str] = None

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from megatron_meml.model.arch import ArchSpec, rope_inv_freq
 from megatron_meml.model.config import ModelConfig
+from megatron_meml.model.dtype import resolve_model_dtype
 from megatron_meml.parallel import ParallelConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,6 +80,7 @@ def transformer_config(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfi
 
     arch.check_tp(parallel.tp)
     arch.check_pp(parallel.pp)
+    cfg = resolve_model_dtype(cfg)  # a config that did not come through a stage may still say auto
     dtype = _DTYPES[cfg.dtype]
     on_cpu = not torch.cuda.is_available()
     kwargs = dict(

@@ -77,13 +77,13 @@ class Trainer:
         self.scored_only = logits_at_scored_only
         """The output layer runs on the scored positions only (``forward_step``); False: on every position."""
         self.log_term_grad_norms = log_term_grad_norms
+        """Each step also logs each loss term's own gradient norm (``term_grad_norms``): a diagnostic."""
         self.share_prompts = share_prompts
+        """Packed rows with the same prompt share one copy of it (``split_packed``)."""
         self.last_layout: dict[str, float] = {}
         """``layout_metrics`` of the last backward's micro-batches."""
-        """Packed rows with the same prompt share one copy of it (``split_packed``)."""
         if share_prompts and (self.max_tokens <= 0 or not logits_at_scored_only):
             raise ValueError("share_prompts needs max_tokens_per_micro_batch > 0 and logits_at_scored_only")
-        """Each step also logs each loss term's own gradient norm (``term_grad_norms``): a diagnostic."""
 
     def _split(self, batch: TrainBatch, *, trim: bool, teacher_seq: Optional[torch.Tensor] = None):
         """(micro-batches, their rows): packed by token budget when set, else by row count."""
