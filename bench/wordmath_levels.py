@@ -23,7 +23,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="sampled responses per problem and expert")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dtype", default="auto", help="fp32, bf16, or auto (model.dtype's rule: bf16 only with native "
+                                                    "bf16 matmuls)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -39,7 +40,11 @@ def main() -> None:
     from megatron_meml.rollout.config import RolloutConfig
     from megatron_meml.rollout.vllm_backend import VLLMBackend
 
+    from megatron_meml.model.dtype import auto_dtype
+
     torch.set_num_threads(args.threads)
+    if args.dtype == "auto":
+        args.dtype = auto_dtype()[0]
     ids = args.experts.split(",")
     experts = ExpertSet.from_config(ExpertsConfig(ids=ids, answer_format="the_answer_is"), len(ids),
                                     AutoTokenizer.from_pretrained(args.model))
