@@ -17,30 +17,18 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _matmul import matmul_gflops  # noqa: E402
 from _train_run import ROOT, train_rows  # noqa: E402
 
 SHAPE = (2048, 576, 1536)
 SMALL = ["train.problems_per_step=2", "rollout.samples_per_expert=4", "rollout.max_new_tokens=48",
          "hard_examples.capacity=2", "hard_examples.k_wrong=2", "data.synthetic_size=200"]
 """The real-model e2e test's shape (tests/e2e/test_real_model_riel.py)."""
-
-
-def matmul_gflops(dtype: torch.dtype, reps: int) -> float:
-    m, k, n = SHAPE
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * m * k * n / best / 1e9
 
 
 def main() -> None:
@@ -57,7 +45,7 @@ def main() -> None:
     rates = {"bf16": [], "fp32": []}
     for _ in range(2):  # interleaved, so both see the same machine load
         for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            rates[name].append(matmul_gflops(dt, a.reps))
+            rates[name].append(matmul_gflops(dt, *SHAPE, reps=a.reps))
     best = {k: max(v) for k, v in rates.items()}
     print(f"matmul {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}, {a.threads} threads: bf16 {best['bf16']:.1f} GFLOP/s, "
           f"fp32 {best['fp32']:.1f} GFLOP/s")

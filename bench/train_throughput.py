@@ -437,21 +437,11 @@ def _real_hf_step_fn(args, rows):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def _matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
-    """This process's matmul rate in ``dtype`` now (best of ``reps`` n^3 products at the set thread count)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
 def run_real_child(variant: str, args) -> dict:
     """One side of the real-model row: build, warm up, time; the matmul peak in the row's dtype is measured in this
     process before and after the timed steps (the higher is kept), so it sees the same machine load."""
+    from _matmul import matmul_gflops
+
     from megatron_meml.model.dtype import auto_dtype
 
     torch.set_num_threads(args.threads)
@@ -463,18 +453,19 @@ def run_real_child(variant: str, args) -> dict:
     for _ in range(args.warmup):
         step()
     dtype = auto_dtype()[0]
-    peak = _matmul_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    mm_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    peak = matmul_gflops(mm_dtype, 2048, 2048, 2048)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     wall = (time.perf_counter() - t0) / args.steps
-    peak = max(peak, _matmul_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32))
+    peak = max(peak, matmul_gflops(mm_dtype, 2048, 2048, 2048))
     shape = SHAPES["smollm2-135m"]
     tokens = sum(len(toks) for toks, _ in rows)
     flops = sum(len(toks) * shape.flops_per_token(len(toks)) for toks, _ in rows)  # real tokens only, no padding
     return {"variant": variant, "name": VARIANTS[variant], "shape": "smollm2-135m", "tokens_per_s": tokens / wall,
-            "step_s": wall, "tokens": tokens, "gflops": flops / wall / 1e9, "peak_gflops": peak, "dtype": dtype, "params": n_params,
-            "peak_mib": _peak_rss_mib(), "peak_kind": "rss_hwm", "device": "cpu", "torch": torch.__version__}
+            "step_s": wall, "tokens": tokens, "gflops": flops / wall / 1e9, "peak_gflops": peak, "dtype": dtype,
+            "params": n_params, "peak_mib": _peak_rss_mib(), "peak_kind": "rss_hwm", "device": "cpu", "torch": torch.__version__}
 
 
 def _real_report(rows: dict, args) -> list[str]:
