@@ -465,7 +465,8 @@ def run_real_child(variant: str, args) -> dict:
     flops = sum(len(toks) * shape.flops_per_token(len(toks)) for toks, _ in rows)  # real tokens only, no padding
     return {"variant": variant, "name": VARIANTS[variant], "shape": "smollm2-135m", "tokens_per_s": tokens / wall,
             "step_s": wall, "tokens": tokens, "gflops": flops / wall / 1e9, "peak_gflops": peak, "dtype": dtype,
-            "params": n_params, "peak_mib": _peak_rss_mib(), "peak_kind": "rss_hwm", "device": "cpu", "torch": torch.__version__}
+            "params": n_params, "peak_mib": _peak_rss_mib(), "peak_kind": "rss_hwm", "device": "cpu",
+            "torch": torch.__version__}
 
 
 def _real_report(rows: dict, args) -> list[str]:
@@ -478,7 +479,8 @@ def _real_report(rows: dict, args) -> list[str]:
             lines.append(f"  {v} {VARIANTS[v]:18} {r['error']}")
             continue
         lines.append(f"  {v} {r['name']:18} {r['tokens_per_s']:8.1f} tok/s  {r['step_s']:7.2f} s/step  "
-                     f"{r['gflops']:6.1f} GFLOP/s = {r['gflops'] / r['peak_gflops']:5.1%} of the {r.get('dtype', 'bf16')} matmul peak "
+                     f"{r['gflops']:6.1f} GFLOP/s = {r['gflops'] / r['peak_gflops']:5.1%} of the {r['dtype']} matmul "
+                     "peak "
                      f"{r['peak_gflops']:.0f} GFLOP/s (same process)  peak RSS {r['peak_mib']:.0f} MiB")
     ok = {v for v in REAL if "error" not in rows.get(v, {"error": 1})}
     if {"arp", "cr"} <= ok:
