@@ -36,15 +36,16 @@ Real-model mode (``--real .models/SmolLM2-135M-Instruct``), at 2 threads on both
           8 prompts x 8 generations x 64 new tokens, T=0.7, lr 1e-5, reward "The answer is X" = gold.
   grpo    recipes/smollm2-wordmath.yaml in plain GRPO mode (one expert, no mutual learning, no hard examples,
           std-normalised advantages, clipped ratio), 8 problems x 8 samples x 64 new tokens, T=0.7: vLLM rollout,
-          trainer in the recipe's dtype (auto), weight sync.
-  packed  as grpo with train.max_tokens_per_micro_batch=2048 (padding-free micro-batches).
-  allpos  as grpo with train.logits_at_scored_only=false (the output layer on every position, prompts included).
-  shared  as packed with train.share_prompts=true (the 8 samples of a prompt share one copy of it).
+          trainer in the recipe's dtype (auto) and layout (packed micro-batches of 2,048 tokens whose rows share
+          their prompts: train.share_prompts), weight sync.
+  padded  as grpo with rows padded per micro-batch instead (train.max_tokens_per_micro_batch=0, no sharing).
+  packed  as grpo without sharing prompts (one THD sequence per row).
+  allpos  as padded with train.logits_at_scored_only=false (the output layer on every position, prompts included).
 The prompts are the same text on both sides: wordmath level 3 ("one addition of two-digit numbers") with the
 expert0 system prompt, chat-templated by our side and written to a JSONL the TRL side reads. Ends with
-``real step ratio N`` (grpo / trl, best repeats), ``real packed step ratio N`` and, with the allpos side,
-``real scored-only/all-positions step ratio N`` (grpo / allpos; below 1: the scored-only output layer is faster)
-and, with the shared side, ``real shared step ratio N`` (shared / trl) and ``real shared/grpo step ratio N``.
+``real step ratio N`` (grpo / trl, best repeats) and, with the other sides, ``real padded step ratio N`` (padded /
+trl), ``real shared/padded step ratio N`` (grpo / padded), ``real packed step ratio N`` (packed / trl) and ``real
+scored-only/all-positions step ratio N`` (padded / allpos; below 1: the scored-only output layer is faster).
 """
 from __future__ import annotations
 
@@ -79,15 +80,12 @@ def real_overrides(side: str, steps: int, out_dir: str, model: str) -> list[str]
               "rollout.max_new_tokens=64", "rollout.temperature=0.7", f"train.threads={REAL_THREADS}",
               f"train.steps={steps}", "logging.tensorboard=false", "logging.progress='off'", "eval.max_problems=0",
               "checkpoint.save_every=0"]
-    if side == "grpo":
-        return common
-    if side == "packed":
-        return common + ["train.max_tokens_per_micro_batch=2048"]
-    if side == "allpos":
-        return common + ["train.logits_at_scored_only=false"]
-    if side == "shared":
-        return common + ["train.max_tokens_per_micro_batch=2048", "train.share_prompts=true"]
-    raise ValueError(f"unknown real-model side '{side}'")
+    padded = ["train.max_tokens_per_micro_batch=0", "train.share_prompts=false"]
+    sides = {"grpo": [], "padded": padded, "packed": ["train.share_prompts=false"],
+             "allpos": padded + ["train.logits_at_scored_only=false"]}
+    if side not in sides:
+        raise ValueError(f"unknown real-model side '{side}'")
+    return common + sides[side]
 
 
 def write_real_prompts(model: str, path: Path, n: int = 512) -> None:
@@ -310,8 +308,8 @@ def main() -> None:
     p.add_argument("--anchor", type=Path, default=ANCHOR, help="the TRL anchor script")
     p.add_argument("--json-out", default="", help="write every record here")
     p.add_argument("--real", default="", metavar="HF_DIR", help="real-model mode on this HF model directory "
-                   "(sides trl, grpo, packed, allpos, shared; 2 threads)")
-    p.add_argument("--worker", choices=["grpo", "meml", "packed", "allpos", "shared"], help=argparse.SUPPRESS)
+                   "(sides trl, grpo, padded, packed, allpos; 2 threads)")
+    p.add_argument("--worker", choices=["grpo", "meml", "padded", "packed", "allpos"], help=argparse.SUPPRESS)
     p.add_argument("--worker-json", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -359,8 +357,8 @@ def main() -> None:
 
 
 def main_real(a) -> None:
-    """Real-model mode: trl, grpo and packed in turn, --repeats times; ratios from each side's best repeat."""
-    sides = [s for s in a.sides.split(",") if s] if a.sides != "trl,grpo,meml" else ["trl", "grpo", "packed"]
+    """Real-model mode: trl, grpo and padded in turn, --repeats times; ratios from each side's best repeat."""
+    sides = [s for s in a.sides.split(",") if s] if a.sides != "trl,grpo,meml" else ["trl", "grpo", "padded"]
     out = Path(tempfile.mkdtemp(prefix="step_vs_trl_real_"))
     prompts = out / "prompts.jsonl"
     write_real_prompts(a.real, prompts)
@@ -385,14 +383,14 @@ def main_real(a) -> None:
     print(f"[conditions] 1-min load average after each run: {loads}")
     if "trl" in best and "grpo" in best:
         print(f"real step ratio {best['grpo'] / best['trl']:.3f}")
+    if "trl" in best and "padded" in best:
+        print(f"real padded step ratio {best['padded'] / best['trl']:.3f}")
+    if "grpo" in best and "padded" in best:
+        print(f"real shared/padded step ratio {best['grpo'] / best['padded']:.3f}")
     if "trl" in best and "packed" in best:
         print(f"real packed step ratio {best['packed'] / best['trl']:.3f}")
-    if "grpo" in best and "allpos" in best:
-        print(f"real scored-only/all-positions step ratio {best['grpo'] / best['allpos']:.3f}")
-    if "trl" in best and "shared" in best:
-        print(f"real shared step ratio {best['shared'] / best['trl']:.3f}")
-    if "grpo" in best and "shared" in best:
-        print(f"real shared/grpo step ratio {best['shared'] / best['grpo']:.3f}")
+    if "padded" in best and "allpos" in best:
+        print(f"real scored-only/all-positions step ratio {best['padded'] / best['allpos']:.3f}")
 
 
 if __name__ == "__main__":

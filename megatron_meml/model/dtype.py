@@ -41,7 +41,7 @@ def auto_dtype(*, cuda: Optional[bool] = None, bf16_native: Optional[bool] = Non
     if native:
         return "bf16", "this CPU has native bf16 matmuls"
     return "fp32", ("this CPU has no native bf16 matmuls (no AVX512-BF16/AMX), where bf16 matmuls are emulated, "
-                    "~60x slower than fp32")
+                    "50-90x slower than fp32")
 
 
 def resolve_model_dtype(cfg: ModelConfig, **probe) -> ModelConfig:
