@@ -1,9 +1,9 @@
 """One GRPO train step on the real model in each micro-batch layout and CPU attention kernel, interleaved in one
 process on the same rows and weights, best of N.
 
-Layouts: ``padded`` (the default: rows sorted by length, micro_batch_size rows padded to the longest), ``packed``
-(train.max_tokens_per_micro_batch, one THD sequence per row) and ``shared`` (packed + train.share_prompts: the G
-rows of a prompt share one copy of it). Kernels: ``math`` (fp32 matmuls + softmax for attention over at most
+Layouts: ``padded`` (train.max_tokens_per_micro_batch=0: rows sorted by length, micro_batch_size rows padded to the
+longest), ``packed`` (train.max_tokens_per_micro_batch, one THD sequence per row) and ``shared`` (packed +
+train.share_prompts: the G rows of a prompt share one copy of it; the smollm2 RIEL recipes' layout since stop 27). Kernels: ``math`` (fp32 matmuls + softmax for attention over at most
 ``sdpa_attention.CPU_MATH_MAX_KEYS`` keys, the default on CPU) and ``flash`` (PyTorch's CPU flash kernel for every
 call, as before). Rows: ``--prompts`` prompts of ``--prompt-len`` tokens, ``--group`` responses each of 20-82 tokens
 (the shape of ``bench/step_vs_trl.py --real``: 8 x 8 rows, ~95 + ~51 tokens). Prints seconds per step for each

@@ -374,7 +374,8 @@ def _real_meml_step_fn(args, rows, packed: bool = False):
     from megatron_meml.training.setup import param_count, setup_training
     from megatron_meml.training.trainer import Trainer
 
-    pack = [f"train.max_tokens_per_micro_batch={args.pack_tokens}"] if packed else []
+    # these rows have distinct prompts, so the recipe's share_prompts has nothing to share: padded or packed only
+    pack = [f"train.max_tokens_per_micro_batch={args.pack_tokens if packed else 0}", "train.share_prompts=false"]
     cfg = load_config(os.path.join(ROOT, "recipes", "smollm2-wordmath.yaml"), [f"model.hf_path={args.real_model}",
                                                                               *pack])
     install_cpu_shim()
