@@ -38,6 +38,9 @@ Real-model mode (``--real .models/SmolLM2-135M-Instruct``), at 2 threads on both
           std-normalised advantages, clipped ratio), 8 problems x 8 samples x 64 new tokens, T=0.7: vLLM rollout,
           trainer in the recipe's dtype (auto) and layout (packed micro-batches of 2,048 tokens whose rows share
           their prompts: train.share_prompts), weight sync.
+          Rows at advantage 0 (groups whose 8 rewards are equal) stay out of the train batch, keeping their share
+          of the normaliser (algo.skip_zero_advantage: the same step; TRL trains them).
+  allrows as grpo with every row trained (algo.skip_zero_advantage=false).
   padded  as grpo with rows padded per micro-batch instead (train.max_tokens_per_micro_batch=0, no sharing).
   packed  as grpo without sharing prompts (one THD sequence per row).
   allpos  as padded with train.logits_at_scored_only=false (the output layer on every position, prompts included).
@@ -45,7 +48,8 @@ The prompts are the same text on both sides: wordmath level 3 ("one addition of 
 expert0 system prompt, chat-templated by our side and written to a JSONL the TRL side reads. Ends with
 ``real step ratio N`` (grpo / trl, best repeats) and, with the other sides, ``real padded step ratio N`` (padded /
 trl), ``real shared/padded step ratio N`` (grpo / padded), ``real packed step ratio N`` (packed / trl) and ``real
-scored-only/all-positions step ratio N`` (padded / allpos; below 1: the scored-only output layer is faster).
+scored-only/all-positions step ratio N`` (padded / allpos; below 1: the scored-only output layer is faster) and
+``real skip-zero/all-rows step ratio N`` (grpo / allrows).
 """
 from __future__ import annotations
 
@@ -81,7 +85,8 @@ def real_overrides(side: str, steps: int, out_dir: str, model: str) -> list[str]
               f"train.steps={steps}", "logging.tensorboard=false", "logging.progress='off'", "eval.max_problems=0",
               "checkpoint.save_every=0"]
     padded = ["train.max_tokens_per_micro_batch=0", "train.share_prompts=false"]
-    sides = {"grpo": [], "padded": padded, "packed": ["train.share_prompts=false"],
+    sides = {"grpo": [], "allrows": ["algo.skip_zero_advantage=false"], "padded": padded,
+             "packed": ["train.share_prompts=false"],
              "allpos": padded + ["train.logits_at_scored_only=false"]}
     if side not in sides:
         raise ValueError(f"unknown real-model side '{side}'")
@@ -111,6 +116,9 @@ def side_overrides(side: str, steps: int, out_dir: str, prompt_dir: str) -> list
               "data.synthetic_size=4096", f"experts.prompt_dir={prompt_dir}", "experts.format_instruction=''",
               "experts.plain_template='{question}{system}'", "rollout.max_new_tokens=16", "rollout.temperature=1.0",
               "rollout.kv_cache_gb=0.25", "algo.advantage=grpo", "algo.policy_loss=clipped", "train.lr=1e-5",
+              # the random model's rewards are all 0, so leaving zero-advantage rows out would leave no train
+              # phase to time: the toy sides train every row, as TRL does
+              "algo.skip_zero_advantage=false",
               "train.threads=1", f"train.steps={steps}", "logging.tensorboard=false", "logging.progress='off'",
               "eval.max_problems=0", "checkpoint.save_every=0"]
     if side == "grpo":
@@ -255,14 +263,14 @@ def anchor_prompt_len() -> float:
 
 # ------------------------------------------------------------------------------------------------- report
 def table(results: dict[str, list[dict]]) -> str:
-    head = (f"{'side':<6} {'s/step (median per repeat)':<30} {'gen s':>7} {'train s':>8} {'sync s':>7} "
+    head = (f"{'side':<7} {'s/step (median per repeat)':<30} {'gen s':>7} {'train s':>8} {'sync s':>7} "
             f"{'compl':>6} {'prompt len':>10} {'compl len':>9} {'rows':>6}")
     lines = [head, "-" * len(head)]
     for side, recs in results.items():
         r0 = min(recs, key=lambda r: r["seconds_per_step"])  # phases of the best repeat
         ph = r0["phase_median"]
         times = ", ".join(f"{r['seconds_per_step']:.3f}" for r in recs)
-        lines.append(f"{side:<6} {times:<30} {ph.get('timing/rollout', float('nan')):>7.3f} "
+        lines.append(f"{side:<7} {times:<30} {ph.get('timing/rollout', float('nan')):>7.3f} "
                      f"{ph.get('timing/train', float('nan')):>8.3f} {ph.get('timing/weight_sync', float('nan')):>7.3f} "
                      f"{r0['completions_per_step']:>6.0f} {r0['prompt_len_mean']:>10.2f} "
                      f"{r0['completion_len_mean']:>9.2f} {r0['train_rows_mean']:>6.1f}")
@@ -308,8 +316,9 @@ def main() -> None:
     p.add_argument("--anchor", type=Path, default=ANCHOR, help="the TRL anchor script")
     p.add_argument("--json-out", default="", help="write every record here")
     p.add_argument("--real", default="", metavar="HF_DIR", help="real-model mode on this HF model directory "
-                   "(sides trl, grpo, padded, packed, allpos; 2 threads)")
-    p.add_argument("--worker", choices=["grpo", "meml", "padded", "packed", "allpos"], help=argparse.SUPPRESS)
+                   "(sides trl, grpo, allrows, padded, packed, allpos; 2 threads)")
+    p.add_argument("--worker", choices=["grpo", "meml", "allrows", "padded", "packed", "allpos"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--worker-json", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -389,6 +398,8 @@ def main_real(a) -> None:
         print(f"real shared/padded step ratio {best['grpo'] / best['padded']:.3f}")
     if "trl" in best and "packed" in best:
         print(f"real packed step ratio {best['packed'] / best['trl']:.3f}")
+    if "grpo" in best and "allrows" in best:
+        print(f"real skip-zero/all-rows step ratio {best['grpo'] / best['allrows']:.3f}")
     if "padded" in best and "allpos" in best:
         print(f"real scored-only/all-positions step ratio {best['padded'] / best['allpos']:.3f}")
 

@@ -40,17 +40,32 @@ def completion_row(c: Completion, *, kind: int = GRPO, advantage: float = 0.0, p
     return Row(tokens=tokens, loss_mask=mask, kind=kind, advantage=advantage, rollout_logprobs=lps, pair=pair)
 
 
-def grpo_rows(groups: Sequence[ExpertGroup], advantages: torch.Tensor, *, positive_only: bool) -> list[Row]:
+def grpo_rows(groups: Sequence[ExpertGroup], advantages: torch.Tensor, *, positive_only: bool,
+              skip_zero: bool = False) -> list[Row]:
     """One row per sampled response; with positive_only (the paper's loss) rows with A <= 0 are left out, since
-    they contribute exactly zero."""
+    they contribute exactly zero; with skip_zero rows whose A is exactly 0 are left out (their share of the loss's
+    normaliser is ``zero_advantage_share``)."""
     rows = []
     for g, adv in zip(groups, advantages.tolist()):
         for c, a in zip(g.completions, adv):
-            if positive_only and a <= 0:
+            if (positive_only and a <= 0) or (skip_zero and a == 0.0):
                 continue
             if c.token_ids:
                 rows.append(completion_row(c, advantage=float(a)))
     return rows
+
+
+def zero_advantage_share(groups: Sequence[ExpertGroup], advantages: torch.Tensor, aggregation: str) -> float:
+    """What the GRPO rows with A exactly 0 add to the policy loss's normaliser: their scored tokens (token_mean)
+    or their count (the per-sequence aggregations). With the clipped loss and no reference KL such a row's loss
+    and gradient are exactly 0, so leaving it out of the batch while keeping this share in the normaliser
+    (``TrainBatch.pg_norm_extra``) gives the same step for less compute."""
+    share = 0.0
+    for g, adv in zip(groups, advantages.tolist()):
+        for c, a in zip(g.completions, adv):
+            if a == 0.0 and c.token_ids:
+                share += float(len(c.token_ids)) if aggregation == "token_mean" else 1.0
+    return share
 
 
 def pair_rows(pairs: Sequence[MutualPair], experts: ExpertSet, *, weight: float = 1.0) -> list[Row]:
@@ -74,9 +89,11 @@ def sft_rows(examples: Sequence[SFTExample]) -> list[Row]:
     return [Row(tokens=list(e.tokens), loss_mask=list(e.loss_mask), kind=SFT) for e in examples]
 
 
-def to_train_batch(rows: Sequence[Row], pad_id: int, *, max_len: Optional[int] = None) -> TrainBatch:
+def to_train_batch(rows: Sequence[Row], pad_id: int, *, max_len: Optional[int] = None,
+                   pg_norm_extra: float = 0.0) -> TrainBatch:
     """Right-padded [B, T] TrainBatch, rows shortest first; an empty list gives one all-masked padding row (ranks
-    must still step)."""
+    must still step). ``pg_norm_extra``: the policy-loss normaliser's share of GRPO rows left out
+    (``zero_advantage_share``)."""
     # Rows sorted by length (stable): micro-batches then hold similar lengths and are trimmed to them. The loss is a
     # sum over rows with global normalisers, so the order does not change the step's objective.
     rows = sorted(rows, key=lambda r: len(r.tokens)) or [Row(tokens=[pad_id, pad_id], loss_mask=[0.0, 0.0],
@@ -99,4 +116,4 @@ def to_train_batch(rows: Sequence[Row], pad_id: int, *, max_len: Optional[int] =
     return TrainBatch(tokens=tokens, loss_mask=mask, row_kind=torch.tensor([r.kind for r in rows]),
                       advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
                       rollout_logprobs=rollout if has_rollout else None,
-                      pair_id=torch.tensor([r.pair for r in rows]))
+                      pair_id=torch.tensor([r.pair for r in rows]), pg_norm_extra=float(pg_norm_extra))

@@ -9,7 +9,8 @@ import torch
 from megatron_meml.algo.advantages import advantage_metrics, compute_advantages
 from megatron_meml.algo.dynamic_sampling import DynamicBatch, collect
 from megatron_meml.algo.mutual import select_pairs
-from megatron_meml.batching import grpo_rows, mutual_weight, pair_rows, sft_rows, to_train_batch
+from megatron_meml.batching import (grpo_rows, mutual_weight, pair_rows, sft_rows, to_train_batch,
+                                    zero_advantage_share)
 from megatron_meml.rewards.score import score
 from megatron_meml.rewards.shaping import overlong_penalty
 from megatron_meml.rollout.ahead import AheadBatch
@@ -47,7 +48,11 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
         rewards_t, shaping = shaped_rewards(groups, cfg)
         qidx = torch.tensor([i // len(experts) for i in range(len(groups))])
         adv = compute_advantages(rewards_t, algo, question_index=qidx) if groups else rewards_t
-        rows = grpo_rows(groups, adv, positive_only=algo.policy_loss == "paper_pg")
+        # Under the clipped loss without reference KL a row at advantage exactly 0 has loss and gradient 0: it
+        # stays out of the batch and only its share of the normaliser is kept (the same step, less compute).
+        skip_zero = algo.skip_zero_advantage and algo.policy_loss == "clipped" and algo.kl_coef == 0
+        rows = grpo_rows(groups, adv, positive_only=algo.policy_loss == "paper_pg", skip_zero=skip_zero)
+        pg_extra = zero_advantage_share(groups, adv, algo.aggregation) if skip_zero else 0.0
     with timers("mutual"):
         pairs, weight = [], mutual_weight(step, algo.lambda_kl_warmup_steps)
         if algo.mutual_learning and len(experts) > 1:
@@ -63,7 +68,7 @@ def riel_step(ctx: RunContext, step: int, sampler: Any, store: Any) -> dict[str,
             store.commit()
             hard_metrics.update(store.metrics())
     with timers("train"):
-        batch = to_train_batch(rows, ctx.pad_id, max_len=ctx.arch.max_position_embeddings)
+        batch = to_train_batch(rows, ctx.pad_id, max_len=ctx.arch.max_position_embeddings, pg_norm_extra=pg_extra)
         train_metrics = ctx.trainer.train_step(batch)
     metrics = staleness_metrics(every, ctx.rollout.version, train_metrics, collect_ahead(ctx),
                                 asynchronous=ctx.ahead is not None)

@@ -101,6 +101,11 @@ class TrainBatch:
     """[B] int64 mutual-learning pair id (-1 when not a pair row)."""
     position_ids: Optional[torch.Tensor] = None
     """[B, T] int64 positions (None: 0..T-1)."""
+    pg_norm_extra: float = 0.0
+    """This rank's share of the policy loss's normaliser from GRPO rows left out of the batch because their loss
+    and gradient are exactly 0 (advantage 0 under the clipped loss without reference KL): their scored tokens
+    (token_mean) or their count (per-sequence aggregations). Metrics other than the loss average over the rows
+    present."""
 
     @property
     def num_rows(self) -> int:

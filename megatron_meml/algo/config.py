@@ -36,6 +36,11 @@ class AlgoConfig:
     """Weight of the KL-to-reference term (0 disables the reference model)."""
     kl_type: str = "k3"
     """KL estimator to the reference: k1 or k3."""
+    skip_zero_advantage: bool = True
+    """Clipped loss without reference KL: leave the GRPO rows whose advantage is exactly 0 (every group whose
+    rewards are all equal) out of the train batch, keeping their share of the loss's normaliser. Their loss and
+    gradient are exactly 0, so the step is the same up to float summation order, for less compute; the clip and
+    mismatch metrics then average over the rows trained. False trains them (for A/B benches)."""
     tis_cap: Optional[float] = 2.0
     """Truncated importance-sampling cap for the rollout/trainer mismatch; None disables the correction."""
     mutual_learning: bool = True

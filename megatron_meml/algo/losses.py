@@ -104,13 +104,15 @@ def paper_pg_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.
 def clipped_pg_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, normaliser: Normaliser, *, clip_low: float, clip_high: float,
                     dual_clip: Optional[float] = None, aggregation: str = "token_mean",
-                    is_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Metrics]:
+                    is_weights: Optional[torch.Tensor] = None,
+                    metric_normaliser: Optional[Normaliser] = None) -> tuple[torch.Tensor, Metrics]:
     """(b) PPO/GRPO clipped-ratio objective with clip-higher and dual-clip.
 
     ratio = exp(logp - old); per token max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high)); with
     dual_clip c > 1 and A < 0 that is further capped at -A c. Multiplied by is_weights when given.
     Metrics: train/pg_loss, train/clip_frac (clipping was active), train/dual_clip_frac, train/ppo_kl (k1
-    of the current policy from the old one).
+    of the current policy from the old one); all but pg_loss divided by ``metric_normaliser`` when given (the
+    count of the rows present when rows at advantage 0 were left out of the batch but not of ``normaliser``).
     """
     _check_same_shape(mask, logprobs=logprobs, old_logprobs=old_logprobs, is_weights=is_weights)
     if dual_clip is not None and dual_clip <= 1.0:
@@ -131,9 +133,10 @@ def clipped_pg_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         per_token = per_token * is_weights
     loss = aggregate(per_token, mask, normaliser, aggregation)
     agg = _metric_aggregation(aggregation)
-    return loss, _detach(pg_loss=loss, clip_frac=aggregate(clipped.float(), mask, normaliser, agg),
-                         dual_clip_frac=aggregate(dual.float(), mask, normaliser, agg),
-                         ppo_kl=aggregate(-log_ratio.detach(), mask, normaliser, agg))
+    m_norm = normaliser if metric_normaliser is None else metric_normaliser
+    return loss, _detach(pg_loss=loss, clip_frac=aggregate(clipped.float(), mask, m_norm, agg),
+                         dual_clip_frac=aggregate(dual.float(), mask, m_norm, agg),
+                         ppo_kl=aggregate(-log_ratio.detach(), mask, m_norm, agg))
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:

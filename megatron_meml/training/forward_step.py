@@ -149,27 +149,35 @@ class StepNormalisers:
     """Global (all micro-batches, all DP ranks) denominators of each term; each >= 1."""
 
     pg: float
-    """GRPO tokens (token_mean) or GRPO sequences (seq_* aggregations)."""
+    """GRPO tokens (token_mean) or GRPO sequences (seq_* aggregations), with those of rows left out at advantage 0
+    (``TrainBatch.pg_norm_extra``)."""
     pairs: float
     """Mutual-learning pairs."""
     sft: float
     """SFT target tokens (token_mean) or SFT sequences (seq_* aggregations)."""
     scored: float = 1.0
     """The three counts summed before the >= 1 floor: 0 when no DP rank has anything to score this step."""
+    pg_present: Optional[float] = None
+    """``pg`` without the rows left out: what the policy term's metrics (clip fraction, mismatch) average over;
+    None: ``pg``."""
 
 
-def step_normalisers(micro: list[MicroBatch], algo: AlgoConfig, dp_group=None) -> StepNormalisers:
-    """Sum the local counts over micro-batches, then over the DP group."""
-    counts = torch.zeros(3, dtype=torch.float64)
+def step_normalisers(micro: list[MicroBatch], algo: AlgoConfig, dp_group=None, *,
+                     pg_extra: float = 0.0) -> StepNormalisers:
+    """Sum the local counts over micro-batches, then over the DP group; ``pg_extra``: this rank's share of the
+    policy normaliser from GRPO rows left out of the batch (``TrainBatch.pg_norm_extra``)."""
+    counts = torch.zeros(4, dtype=torch.float64)
     for mb in micro:
         kind = mb.row_kind[:, None]
         counts[0] += float(local_normaliser(mb.loss_mask * (kind == GRPO), algo.aggregation))
         counts[1] += float((mb.row_kind == STUDENT).sum())
         counts[2] += float(local_normaliser(mb.loss_mask * (kind == SFT), algo.sft_aggregation))
+    counts[3] = pg_extra
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(counts, group=dp_group)
-    pg, pairs, sft = (max(float(c), 1.0) for c in counts)
-    return StepNormalisers(pg=pg, pairs=pairs, sft=sft, scored=float(counts.sum()))
+    present, pairs, sft = (max(float(c), 1.0) for c in counts[:3])
+    return StepNormalisers(pg=max(float(counts[0] + counts[3]), 1.0), pairs=pairs, sft=sft,
+                           scored=float(counts.sum()), pg_present=present)
 
 
 def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo: AlgoConfig, tp_group,
@@ -180,9 +188,10 @@ def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo:
     mask = mb.loss_mask.to(lp.dtype)
     g_mask = mask * (kind == GRPO)
     is_w, metrics = None, {}
+    pg_metrics = norm.pg if norm.pg_present is None else norm.pg_present
     if mb.rollout_logprobs is not None:  # on-policy (one update per rollout): old = this forward, detached
         old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
-        is_w, metrics = tis_weights(old, mb.rollout_logprobs, g_mask, norm.pg, cap=algo.tis_cap,
+        is_w, metrics = tis_weights(old, mb.rollout_logprobs, g_mask, pg_metrics, cap=algo.tis_cap,
                                     aggregation=algo.aggregation)
     if algo.policy_loss == "paper_pg":
         loss, m = paper_pg_loss(lp, mb.advantages, g_mask, norm.pg, aggregation=algo.aggregation,
@@ -191,7 +200,7 @@ def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo:
         old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
         loss, m = clipped_pg_loss(lp, old, mb.advantages, g_mask, norm.pg, clip_low=algo.clip_low,
                                   clip_high=algo.clip_high, dual_clip=algo.dual_clip,
-                                  aggregation=algo.aggregation, is_weights=is_w)
+                                  aggregation=algo.aggregation, is_weights=is_w, metric_normaliser=pg_metrics)
     metrics.update(m)
     if algo.kl_coef > 0 and mb.ref_logprobs is not None:
         kl, m = kl_to_reference_loss(lp, mb.ref_logprobs, g_mask, norm.pg, kind=algo.kl_type,

@@ -155,6 +155,7 @@ class Trainer:
                                           pair_id=torch.full_like(sub.pair_id, -1))
             else:
                 sub = take_rows(batch, rows)
+            sub = dataclasses.replace(sub, pg_norm_extra=batch.pg_norm_extra if term == "pg" else 0.0)
             if self._backward(sub) is not None:
                 self.state.optimizer.prepare_grads()
                 out[f"train/grad_norm_{term}"] = float(self.state.optimizer.get_grad_norm())
@@ -173,7 +174,7 @@ class Trainer:
             batch, teacher_seq = self._score_teachers(batch)
         micro, _ = self._split(batch, trim=True, teacher_seq=teacher_seq)
         self.last_layout = layout_metrics(micro)
-        norm = step_normalisers(micro, self.algo, self.dp_group)
+        norm = step_normalisers(micro, self.algo, self.dp_group, pg_extra=batch.pg_norm_extra)
         if norm.scored == 0:
             return None
         dp = dist.get_world_size(self.dp_group)
