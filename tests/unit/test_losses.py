@@ -62,6 +62,18 @@ def test_clipped_hand_worked_with_clip_higher_and_dual_clip():
     assert torch.allclose(logp.grad, expected, atol=1e-6)
 
 
+def test_clipped_metrics_over_the_rows_present():
+    """Rows left out at advantage 0 count in the loss's normaliser (12 tokens: 8 here, 4 left out) but not in
+    the clip metrics' (8)."""
+    mask = torch.ones(2, 4)
+    loss, m = clipped_pg_loss(RATIOS.log(), torch.zeros(2, 4), ADV, mask, 12, clip_low=0.2, clip_high=0.28,
+                              dual_clip=3.0, metric_normaliser=8)
+    assert loss.item() == approx((-0.5 - 1 - 1.28 - 1.28 + 0.8 + 1 + 1.5 + 3.0) / 12)
+    assert m["train/pg_loss"].item() == approx(loss.item())
+    assert m["train/clip_frac"].item() == approx(3 / 8)
+    assert m["train/dual_clip_frac"].item() == approx(1 / 8)
+
+
 def test_clipped_without_dual_clip_and_seq_aggregation():
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     loss, m = clipped_pg_loss(RATIOS.log(), torch.zeros(2, 4), ADV, mask, 2, clip_low=0.2, clip_high=0.28,
