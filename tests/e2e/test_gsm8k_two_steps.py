@@ -52,7 +52,10 @@ def test_gsm8k_recipe_two_steps(tmp_path):
                  "train.problems_per_step=2", "train.micro_batch_size=8", "train.threads=1",
                  "rollout.samples_per_expert=4", "rollout.max_new_tokens=16", "rollout.kv_cache_gb=0.25",
                  "hard_examples.k_wrong=2", "hard_examples.capacity=4", f"eval.max_problems={N_EVAL}",
-                 "checkpoint.save_every=0", "logging.tensorboard=false", "algo.policy_loss=clipped"]
+                 "checkpoint.save_every=0", "logging.tensorboard=false", "algo.policy_loss=clipped",
+                 # the random model scores nothing, so every advantage is 0: train the GRPO rows anyway, so that
+                 # the engine/trainer log-prob mismatch below is measured
+                 "algo.skip_zero_advantage=false"]
     proc = subprocess.run([sys.executable, "-m", "megatron_meml.cli", "train", str(RECIPE), *overrides], cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -26,7 +26,10 @@ SMALL = ["model.num_layers=2", "model.max_position_embeddings=96", "data.synthet
          "data.synthetic_weights=[1.0]", "data.synthetic_size=64", "rollout.samples_per_expert=4",
          "rollout.max_new_tokens=24", "train.problems_per_step=2", "train.micro_batch_size=16",
          "hard_examples.capacity=4", "hard_examples.k_wrong=2", "algo.policy_loss=clipped", "algo.advantage=drgrpo", "eval.max_problems=0",
-         "train.threads=1", "logging.tensorboard=false", "logging.progress=line"]
+         "train.threads=1", "logging.tensorboard=false", "logging.progress=line",
+         # this untrained toy scores nothing, so every advantage is 0: train the GRPO rows anyway (their loss is 0,
+         # but their engine log-probs and forward pass are what the resume must reproduce)
+         "algo.skip_zero_advantage=false"]
 COMPARED = ("reward/mean", "train/loss", "train/pg_loss", "train/sft_nll", "train/mismatch_abs", "hard/size",
             "rollout/tokens", "train/grad_norm")
 
