@@ -157,9 +157,8 @@ class StepNormalisers:
     """SFT target tokens (token_mean) or SFT sequences (seq_* aggregations)."""
     scored: float = 1.0
     """The three counts summed before the >= 1 floor: 0 when no DP rank has anything to score this step."""
-    pg_present: Optional[float] = None
-    """``pg`` without the rows left out: what the policy term's metrics (clip fraction, mismatch) average over;
-    None: ``pg``."""
+    pg_present: float
+    """``pg`` without the rows left out: what the policy term's metrics (clip fraction, mismatch) average over."""
 
 
 def step_normalisers(micro: list[MicroBatch], algo: AlgoConfig, dp_group=None, *,
@@ -188,10 +187,9 @@ def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo:
     mask = mb.loss_mask.to(lp.dtype)
     g_mask = mask * (kind == GRPO)
     is_w, metrics = None, {}
-    pg_metrics = norm.pg if norm.pg_present is None else norm.pg_present
     if mb.rollout_logprobs is not None:  # on-policy (one update per rollout): old = this forward, detached
         old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
-        is_w, metrics = tis_weights(old, mb.rollout_logprobs, g_mask, pg_metrics, cap=algo.tis_cap,
+        is_w, metrics = tis_weights(old, mb.rollout_logprobs, g_mask, norm.pg_present, cap=algo.tis_cap,
                                     aggregation=algo.aggregation)
     if algo.policy_loss == "paper_pg":
         loss, m = paper_pg_loss(lp, mb.advantages, g_mask, norm.pg, aggregation=algo.aggregation,
@@ -200,7 +198,7 @@ def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo:
         old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
         loss, m = clipped_pg_loss(lp, old, mb.advantages, g_mask, norm.pg, clip_low=algo.clip_low,
                                   clip_high=algo.clip_high, dual_clip=algo.dual_clip,
-                                  aggregation=algo.aggregation, is_weights=is_w, metric_normaliser=pg_metrics)
+                                  aggregation=algo.aggregation, is_weights=is_w, metric_normaliser=norm.pg_present)
     metrics.update(m)
     if algo.kl_coef > 0 and mb.ref_logprobs is not None:
         kl, m = kl_to_reference_loss(lp, mb.ref_logprobs, g_mask, norm.pg, kind=algo.kl_type,
