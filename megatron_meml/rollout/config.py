@@ -33,6 +33,11 @@ class RolloutConfig:
     """vLLM GPU memory fraction (colocated with training)."""
     kv_cache_gb: float = 1.0
     """KV cache size on CPU, GiB."""
+    block_size: int = 0
+    """vLLM's KV-cache block size in tokens. Prefix caching shares whole blocks only, so a smaller block lets the G
+    samples of a prompt (and prompts under one system prompt) share more of it instead of each prefilling it again.
+    0: 32 on CPU (the smallest its attention kernel takes; vLLM picks 128 there), vLLM's own choice on GPU. On CPU it
+    must be a multiple of 32."""
     sleep_between_steps: bool = True
     """Free engine memory during training where the platform supports sleep mode (GPU)."""
     sync_bucket_mb: int = 256
@@ -53,6 +58,8 @@ class RolloutConfig:
         if self.max_prompt_tokens < 1 or self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_prompt_tokens and rollout.max_new_tokens must be >= 1, got "
                              f"{self.max_prompt_tokens} and {self.max_new_tokens}")
+        if self.block_size < 0:
+            raise ValueError(f"rollout.block_size must be >= 0 (0: the platform's choice), got {self.block_size}")
         if self.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.temperature < 0:

@@ -41,6 +41,22 @@ def expected_weights(hf_dir: str | Path) -> ExpectedWeights:
     return ExpectedWeights(shapes=shapes)
 
 
+CPU_BLOCK_SIZE = 32
+"""vLLM's CPU attention kernel takes block sizes in multiples of 32; its default there is 128."""
+
+
+def engine_block_size(cfg: RolloutConfig, on_cpu: bool) -> int:
+    """The KV-cache block size handed to vLLM (0: leave vLLM's default). A prompt's samples share its prefix-cached
+    whole blocks only: at vLLM-CPU's default of 128, a prompt of ~100 tokens was prefilled once per sample."""
+    if not on_cpu:
+        return cfg.block_size
+    size = cfg.block_size or CPU_BLOCK_SIZE
+    if size % CPU_BLOCK_SIZE:
+        raise ValueError(f"rollout.block_size must be a multiple of {CPU_BLOCK_SIZE} on CPU (vLLM's CPU attention "
+                         f"kernel), got {size}")
+    return size
+
+
 def choose_mode(cfg: RolloutConfig) -> str:
     """inprocess for one process, multiprocess under torchrun (an in-process engine hung there)."""
     if cfg.engine_mode != "auto":
@@ -71,6 +87,9 @@ class VLLMBackend:
         kwargs = dict(model=self.hf_dir, dtype=_DTYPES[dtype], seed=seed, max_model_len=max_model_len,
                       enable_prefix_caching=True, enforce_eager=self.on_cpu, skip_tokenizer_init=False,
                       worker_extension_cls="megatron_meml.rollout.vllm_worker.WeightSyncExtension")
+        block_size = engine_block_size(cfg, self.on_cpu)
+        if block_size:
+            kwargs["block_size"] = block_size
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * (1 << 30))
         else:
