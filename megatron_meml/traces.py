@@ -208,6 +208,9 @@ def draw_chunk(engine: Any, cfg: MemlConfig, plan: TracesPlan, chunk: int
     rows: dict[str, list[dict]] = {}
     samples: dict[str, list[dict]] = {}
     tallies: dict[str, ExpertTally] = {}
+    # A chunk starts from an empty prefix cache, as it does when a resumed run draws it first: the files stay
+    # byte-identical to an uninterrupted run's (within the chunk the samples still share their prompts' blocks).
+    engine.reset_prefix_cache()
     for e in plan.chosen:
         prompts = [(p, plan.experts.prompt_ids(e.index, p)) for p in problems]
         fits = [(p, ids) for p, ids in prompts if len(ids) <= plan.prompt_limit]

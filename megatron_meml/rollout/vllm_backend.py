@@ -167,6 +167,12 @@ class VLLMBackend:
         return [[_chosen_logprob(d, t) for d, t in zip(o.prompt_logprobs[1:], s[1:])]
                 for o, s in zip(outs, sequences)]
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block: what follows is computed as by a fresh engine. A resumed trace chunk
+        must not read a prefix that the interrupted run had cached and the resumed one has not (the kernels round
+        a cached prefix and a fresh one differently in the last bits)."""
+        self.llm.reset_prefix_cache()
+
     # ------------------------------------------------------------------------------------------- weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         named = [(n, t.detach().to("cpu")) for n, t in named_tensors]
@@ -189,7 +195,7 @@ class VLLMBackend:
             manifest = self._arena.write(named)
             self.llm.collective_rpc("meml_load_shared", args=(self._arena.path, self._arena.nbytes, manifest,
                                                               self.tied))
-        self.llm.reset_prefix_cache()
+        self.reset_prefix_cache()
         return nbytes
 
     # ------------------------------------------------------------------------------------------- memory
