@@ -12,7 +12,6 @@ from tests.tiny_hf import hf_token_logprobs, make_tiny_hf
 TOL = 1e-4
 PREFIX = [2, 10, 11, 12, 13, 14, 15, 16, 17]
 SEQ_A = PREFIX + [20, 21, 22]
-SEQ_B = PREFIX + [30, 31]
 CACHED_PREFIX = [2] + [10 + (3 * i) % 50 for i in range(39)]  # one whole 32-token KV block and 8 tokens more
 CACHED_A = CACHED_PREFIX + [20, 21, 22]
 CACHED_B = CACHED_PREFIX + [30, 31]
@@ -103,6 +102,7 @@ def _sampled(backend, model, prompt, seed):
 
 def test_update_changes_weights_and_resets_prefix_cache(engine):
     backend, model = engine
+    original = _engine_lp(backend, CACHED_B)  # prompt log-probs: computed afresh, never from the cache
     before, want = _sampled(backend, model, CACHED_A, seed=11)  # CACHED_PREFIX's whole block is now cached
     torch.testing.assert_close(before, want, atol=TOL, rtol=0)
     new = _perturbed(model, 0.05, seed=1)
@@ -120,6 +120,7 @@ def test_update_changes_weights_and_resets_prefix_cache(engine):
     assert nbytes == sum(t.numel() * 4 for t in newer.values())
     got, want = _sampled(backend, model, CACHED_B, seed=12)
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    assert (_engine_lp(backend, CACHED_B) - original).abs().max() > 1e-3  # the weights did change
 
 
 @pytest.mark.parametrize("bad", ["missing", "shape", "unknown"])
