@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_meml.rollout.backend import SamplingSpec
-from megatron_meml.rollout.weight_sync import (ENGINE_DTYPES, ROLLOUT_RANK, collect_hf_weights, sync_weights,
-                                              write_hf_dir)
+from megatron_meml.rollout.weight_sync import (ENGINE_DTYPES, ROLLOUT_RANK, collect_hf_weights,
+                                              remove_engine_weights, sync_weights, write_hf_dir)
 from megatron_meml.types import Completion
 
 
@@ -30,8 +30,10 @@ class DistributedRollout:
     """
 
     def __init__(self, engine: Any, chunks: list[Any], arch: Any, *, bucket_mb: int = 256,
-                 dtype: Optional[torch.dtype] = None, version: int = 0):
+                 dtype: Optional[torch.dtype] = None, version: int = 0, model_dir: Optional[Path] = None):
         self.engine, self.chunks, self.arch, self.bucket_mb = engine, chunks, arch, bucket_mb
+        self.model_dir = model_dir
+        """The HF directory the engine started from (rollout rank): its weights are removed at ``shutdown``."""
         self.dtype = dtype
         """The engine's parameter dtype: weight syncs send it that (None: the trainer's own dtypes)."""
         self.version = version
@@ -52,7 +54,8 @@ class DistributedRollout:
                                  seed=seed)
         if dist.get_world_size() > 1:
             dist.barrier()
-        return cls(engine, chunks, arch, bucket_mb=cfg.sync_bucket_mb, dtype=torch_dtype, version=version)
+        return cls(engine, chunks, arch, bucket_mb=cfg.sync_bucket_mb, dtype=torch_dtype, version=version,
+                   model_dir=model_dir if engine is not None else None)
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
         self.submit(prompts, spec, overlap=False)
@@ -118,6 +121,8 @@ class DistributedRollout:
             self._job = None
         if self.engine is not None:
             self.engine.shutdown()
+        if self.model_dir is not None:
+            remove_engine_weights(self.model_dir)
 
 
 class RolloutFailed(RuntimeError):

@@ -67,6 +67,10 @@ def test_gsm8k_recipe_two_steps(tmp_path):
         assert r["train/mismatch_abs"] < 1e-3, r["train/mismatch_abs"]  # vLLM vs Megatron, fp32
     assert train[-1]["hard/admissions_total"] > 0  # every random-model group is hard: the store was exercised
     assert (tmp_path / "gsm8k" / "final_model").is_dir()
+    # the engine's start copy of the weights is scratch, gone with the engine; what `meml export` reads stays
+    engine_dir = tmp_path / "gsm8k" / "rollout_model"
+    assert (engine_dir / "config.json").is_file() and (engine_dir / "tokenizer_config.json").is_file()
+    assert not list(engine_dir.glob("*.safetensors"))
     _check_what_the_model_wrote(tmp_path / "gsm8k", train, [r for r in rows if r["stage"] == "eval"])
 
 

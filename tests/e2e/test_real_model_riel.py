@@ -47,4 +47,6 @@ def test_real_model_two_riel_steps(tmp_path):
     for eid in ("expert0", "expert1", "expert2", "best_expert"):
         assert 0.0 <= evals[-1][f"eval/wordmath/{eid}/accuracy"] <= 1.0
     assert (run / "final_model").is_dir()
+    assert (run / "rollout_model" / "config.json").is_file()  # the engine's start weights (0.5 GB) are removed
+    assert not list((run / "rollout_model").glob("*.safetensors"))
     assert (run / "report" / "summary.md").is_file()
