@@ -27,6 +27,8 @@ from megatron_meml.model.hf_config import hf_config_dict
 from megatron_meml.model.provider import unwrap
 
 ROLLOUT_RANK = 0
+ENGINE_WEIGHTS = "model.safetensors"
+"""The weight file of the directory an engine starts from (``write_hf_dir``); ``remove_engine_weights`` deletes it."""
 ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``model.dtype`` names -> the torch dtype the rollout engine holds its weights in."""
 
@@ -168,7 +170,7 @@ def write_hf_dir(out: Path, arch: ArchSpec, named: list[tuple[str, torch.Tensor]
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": tokenizer.eos_token_id,
                                                             "pad_token_id": tokenizer.pad_token_id,
                                                             "bos_token_id": tokenizer.bos_token_id}))
-    save_file({n: t.contiguous() for n, t in named}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({n: t.contiguous() for n, t in named}, str(out / ENGINE_WEIGHTS), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out))
     return out
 
@@ -181,5 +183,4 @@ def remove_engine_weights(hf_dir: Path) -> None:
     hold the weights. config.json, generation_config.json and the tokenizer stay: ``meml export`` takes them from
     here.
     """
-    for f in Path(hf_dir).glob("*.safetensors"):
-        f.unlink(missing_ok=True)
+    (Path(hf_dir) / ENGINE_WEIGHTS).unlink(missing_ok=True)

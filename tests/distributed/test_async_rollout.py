@@ -75,7 +75,11 @@ def _body(rank, world, tmp):
         rollout.collect()
     if rank != 0:
         assert err.type is RolloutFailed and "rollout engine failed on rank 0" in str(err.value)
+    engine_dir = tmp / "engine"
+    assert rank != 0 or (engine_dir / "model.safetensors").is_file()  # the engine started from it
     rollout.shutdown()
+    if rank == 0:  # the rollout rank's scratch copy of the weights goes with the engine; what `meml export` reads stays
+        assert not (engine_dir / "model.safetensors").exists() and (engine_dir / "config.json").is_file()
 
 
 def test_background_generation_under_data_parallel(tmp_path):
