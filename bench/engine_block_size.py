@@ -68,7 +68,7 @@ def child(a) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    engine.llm.reset_prefix_cache()
+    engine.reset_prefix_cache()
     probe = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[:a.problems]],
                                 SamplingParams(n=a.samples, max_tokens=1, detokenize=False), use_tqdm=False)
     cached = statistics.mean(o.num_cached_tokens for o in probe)

@@ -176,9 +176,9 @@ def write_hf_dir(out: Path, arch: ArchSpec, named: list[tuple[str, torch.Tensor]
 
 
 def remove_engine_weights(hf_dir: Path) -> None:
-    """Drop the weight files of an engine's start directory once the engine is gone.
+    """Delete the weight file of an engine's start directory once the engine is gone.
 
-    They are a scratch copy of the trainer's weights at engine start (a full model in the engine dtype: 0.5 GB for
+    It is a scratch copy of the trainer's weights at engine start (a full model in the engine dtype: 0.5 GB for
     a 135M model in fp32, 16 GB for an 8B in bf16), rewritten at every start; the checkpoints and ``final_model``
     hold the weights. config.json, generation_config.json and the tokenizer stay: ``meml export`` takes them from
     here.
