@@ -34,8 +34,8 @@ def prompts_for(model: str, n: int, seed: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     from megatron_meml.data.wordmath import generate_problems
-    from megatron_meml.experts import ExpertSet
-    from megatron_meml.experts_config import ExpertsConfig
+    from megatron_meml.experts.expert_set import ExpertSet
+    from megatron_meml.experts.config import ExpertsConfig
 
     experts = ExpertSet.from_config(ExpertsConfig(ids=["expert0"], answer_format="the_answer_is"), 1,
                                     AutoTokenizer.from_pretrained(model))

@@ -12,10 +12,10 @@ Sides (run one after another, never concurrently, each in its own subprocess, OM
          default), same objective, at 3 problems x 3 experts x 7 samples = 63 completions (64 is not a multiple
          of 3 experts); micro-batch 40, so 63 GRPO rows + 16 hard-example SFT rows fill two micro-batches
          (each run at its own length).
-Our sides go through the real code path: ``run.setup_run`` (Megatron DDP + distributed optimizer, threads),
-``stages._start_rollout`` (vLLM in-process engine started from the trainer's weights), then ``loop.riel_step``
-(sample, rollout, reward, advantages, mutual pairs, hard examples, train, weight sync), timed like
-``loop.train_loop`` times ``timing/step``.
+Our sides go through the real code path: ``stages.context.setup_run`` (Megatron DDP + distributed optimizer,
+threads), ``RunContext.with_rollout`` (vLLM in-process engine started from the trainer's weights), then
+``stages.riel.riel_step`` (sample, rollout, reward, advantages, mutual pairs, hard examples, train, weight sync),
+timed like ``stages.riel.run_train`` times ``timing/step``.
 
 Data: synthetic 2-digit additions (data.synthetic_levels=[2]) whose prompt is BOS + "12+34" + the expert prompt
 "=" (experts.plain_template="{question}{system}", no format instruction), about the anchor's "12+34=" length.
@@ -96,7 +96,7 @@ def real_overrides(side: str, steps: int, out_dir: str, model: str) -> list[str]
 def write_real_prompts(model: str, path: Path, n: int = 512) -> None:
     """The real-model sides' prompts, chat-templated by our expert set, with their gold answers (JSONL)."""
     from megatron_meml.config import load_config
-    from megatron_meml.run import build_experts, load_data
+    from megatron_meml.stages.inputs import build_experts, load_data
 
     cfg = load_config(REAL_RECIPE, real_overrides("grpo", 1, "/tmp", model))
     experts = build_experts(cfg)
@@ -139,10 +139,9 @@ def run_ours(side: str, steps: int, warmup: int, json_out: str, real: str = "") 
     from megatron_meml.config import load_config
     from megatron_meml.data.sampler import ProblemSampler
     from megatron_meml.hard_examples.store import HardExampleStore
-    from megatron_meml.loop import riel_step
     from megatron_meml.model.dtype import for_this_machine
-    from megatron_meml.run import setup_run
-    from megatron_meml.stages import _start_rollout
+    from megatron_meml.stages.context import setup_run
+    from megatron_meml.stages.riel import RielState, riel_step
 
     work = Path(tempfile.mkdtemp(prefix=f"step_vs_trl_{side}_"))
     for eid, text in PROMPTS.items():
@@ -153,15 +152,15 @@ def run_ours(side: str, steps: int, warmup: int, json_out: str, real: str = "") 
     else:
         cfg = load_config(None, side_overrides(side, warmup + steps, str(work / "runs"), str(work)))
     ctx = setup_run(cfg, "train")
-    store = (HardExampleStore(cfg.hard_examples, ctx.run_dir / "hard_examples", seed=cfg.seed)
+    store = (HardExampleStore(cfg.hard_examples, ctx.paths.hard_examples, seed=cfg.seed)
              if cfg.hard_examples.enabled else None)
-    sampler = ProblemSampler(ctx.train_problems, seed=cfg.seed)
-    _start_rollout(ctx)
+    rs = RielState(sampler=ProblemSampler(ctx.train_problems, seed=cfg.seed), store=store)
+    ctx = ctx.with_rollout()
     prompt_lens = [len(ids) for _, _, ids in ctx.experts.expand(ctx.train_problems[:64])]
     records = []
     for step in range(1, warmup + steps + 1):
         t0 = time.perf_counter()
-        m = riel_step(ctx, step, sampler, store)
+        m = riel_step(ctx, rs, step)
         m.update(ctx.timers.pop())
         m["timing/step"] = time.perf_counter() - t0
         records.append(m)

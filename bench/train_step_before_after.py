@@ -27,13 +27,13 @@ args = p.parse_args()
 torch.set_num_threads(args.threads)
 from megatron_meml.config import load_config
 from megatron_meml.model.cpu_compat import install_cpu_shim
-from megatron_meml.parallel import init_distributed
+from megatron_meml.distributed import init_distributed
 from megatron_meml.model.arch import arch_from_model_config
 from megatron_meml.training.setup import setup_training
 from megatron_meml.training.trainer import Trainer
 import megatron_meml.training.trainer as T
-from megatron_meml.run import load_hf_weights
-from megatron_meml.batching import Row, to_train_batch
+from megatron_meml.stages.context import load_hf_weights
+from megatron_meml.stages.batching import Row, to_train_batch
 from megatron_meml.training.forward_step import GRPO, STUDENT, TEACHER
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 cfg = load_config(args.recipe, [f"model.hf_path={args.model}"])

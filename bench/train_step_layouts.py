@@ -3,7 +3,7 @@ process on the same rows and weights, best of N.
 
 Layouts: ``padded`` (train.max_tokens_per_micro_batch=0: rows sorted by length, micro_batch_size rows padded to the
 longest), ``packed`` (train.max_tokens_per_micro_batch, one THD sequence per row) and ``shared`` (packed +
-train.share_prompts: the G rows of a prompt share one copy of it; the smollm2 RIEL recipes' layout since stop 27). Kernels: ``math`` (fp32 matmuls + softmax for attention over at most
+train.share_prompts: the G rows of a prompt share one copy of it; the smollm2 RIEL recipes' layout). Kernels: ``math`` (fp32 matmuls + softmax for attention over at most
 ``sdpa_attention.CPU_MATH_MAX_KEYS`` keys, the default on CPU) and ``flash`` (PyTorch's CPU flash kernel for every
 call, as before). Rows: ``--prompts`` prompts of ``--prompt-len`` tokens, ``--group`` responses each of 20-82 tokens
 (the shape of ``bench/step_vs_trl.py --real``: 8 x 8 rows, ~95 + ~51 tokens). Prints seconds per step for each
@@ -40,12 +40,12 @@ torch.set_num_threads(args.threads)
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
 import megatron_meml.model.sdpa_attention as sdpa  # noqa: E402
-from megatron_meml.batching import Row, to_train_batch  # noqa: E402
+from megatron_meml.stages.batching import Row, to_train_batch  # noqa: E402
 from megatron_meml.config import load_config  # noqa: E402
 from megatron_meml.model.arch import arch_from_model_config  # noqa: E402
 from megatron_meml.model.cpu_compat import install_cpu_shim  # noqa: E402
-from megatron_meml.parallel import init_distributed  # noqa: E402
-from megatron_meml.run import load_hf_weights  # noqa: E402
+from megatron_meml.distributed import init_distributed  # noqa: E402
+from megatron_meml.stages.context import load_hf_weights  # noqa: E402
 from megatron_meml.training.setup import setup_training  # noqa: E402
 from megatron_meml.training.trainer import Trainer  # noqa: E402
 

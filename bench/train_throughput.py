@@ -26,7 +26,7 @@ MFU = flops_per_token * tokens/s / peak, flops_per_token = 6 * N + 12 * L * d_at
 matmul parameters (every parameter except the input embedding, plus the LM head V * H even when tied),
 L = layers, d_attn = heads * head_dim, S = sequence length (causal masking not discounted: PaLM's convention).
 mfu_allp counts the input embedding in N as well (N = all parameters, the LM head once more when tied),
-the convention that reproduces the figures quoted in issue 10. Peak: 989 TFLOP/s (dense bf16, H100/H200 SXM),
+the convention behind the MFU figures usually quoted for Megatron-LM. Peak: 989 TFLOP/s (dense bf16, H100/H200 SXM),
 or --peak-tflops; not reported on CPU unless --peak-tflops is given.
 
 Usage:
@@ -192,7 +192,8 @@ def _lm_forward_step(data_iterator, model):
 def _megatron_setup(shape: Shape, spec: str, fused: bool):
     from megatron_meml.model.arch import arch_from_model_config
     from megatron_meml.model.config import ModelConfig
-    from megatron_meml.parallel import ParallelConfig, init_distributed
+    from megatron_meml.parallel import ParallelConfig
+    from megatron_meml.distributed import init_distributed
     from megatron_meml.training.config import TrainConfig
     from megatron_meml.training.setup import setup_training
 
@@ -365,12 +366,12 @@ def _real_meml_step_fn(args, rows, packed: bool = False):
 
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_meml.batching import Row, to_train_batch
+    from megatron_meml.stages.batching import Row, to_train_batch
     from megatron_meml.config import load_config
     from megatron_meml.model.arch import arch_from_model_config
     from megatron_meml.model.cpu_compat import install_cpu_shim
-    from megatron_meml.parallel import init_distributed
-    from megatron_meml.run import load_hf_weights
+    from megatron_meml.distributed import init_distributed
+    from megatron_meml.stages.context import load_hf_weights
     from megatron_meml.training.setup import param_count, setup_training
     from megatron_meml.training.trainer import Trainer
 

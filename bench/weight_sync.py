@@ -79,7 +79,8 @@ def _build(args):
     from megatron_meml.algo.config import AlgoConfig
     from megatron_meml.model.arch import arch_from_model_config
     from megatron_meml.model.config import ModelConfig
-    from megatron_meml.parallel import ParallelConfig, init_distributed
+    from megatron_meml.parallel import ParallelConfig
+    from megatron_meml.distributed import init_distributed
     from megatron_meml.training.config import TrainConfig
     from megatron_meml.training.setup import setup_training
     from megatron_meml.training.trainer import Trainer
@@ -194,7 +195,7 @@ def _worker(rank: int, world: int, port: int, args, tmp: str) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     _install_shim()
-    from megatron_meml.parallel import destroy_distributed
+    from megatron_meml.distributed import destroy_distributed
 
     _rank_main(rank, args, Path(tmp))
     destroy_distributed()

@@ -33,8 +33,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from megatron_meml.data.wordmath import generate_problems
-    from megatron_meml.experts import ExpertSet
-    from megatron_meml.experts_config import ExpertsConfig
+    from megatron_meml.experts.expert_set import ExpertSet
+    from megatron_meml.experts.config import ExpertsConfig
     from megatron_meml.rewards.score import score
     from megatron_meml.rollout.backend import SamplingSpec
     from megatron_meml.rollout.config import RolloutConfig

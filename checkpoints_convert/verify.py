@@ -195,7 +195,8 @@ def verify_rank(cfg: VerifyConfig) -> Optional[ParityReport]:
     from megatron_meml.model.config import ModelConfig
     from megatron_meml.model.cpu_compat import install_cpu_shim
     from megatron_meml.model.provider import build_model
-    from megatron_meml.parallel import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_meml.parallel import ParallelConfig
+    from megatron_meml.distributed import destroy_distributed, init_distributed
 
     _, arch = load_arch(Path(cfg.hf))
     install_cpu_shim()

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from megatron_meml.config import ConfigError, load_config, to_yaml
-from megatron_meml.defaults import DEFAULTS
+from megatron_meml.config import load_config, to_yaml
+from megatron_meml.errors import UserError
+from megatron_meml.experiments.defaults import DEFAULTS
+
+# The commands' modules are imported when a command runs, not here: the stages and experiments pull in
+# megatron-core, transformers and vLLM (seconds of start-up), which `meml config`, `meml report` and `--help` never
+# need.
 
 STAGES = {
     "sft": "stage 1 (MEF): SFT of every expert prompt on its gold / teacher answers",
@@ -34,10 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "eval":
             st.add_argument("--checkpoint", default=None, help="Megatron model directory (default: model.megatron_path)")
     dm = sub.add_parser("demo", help="an embedded CPU default end to end: (traces,) MEF SFT, RIEL, evaluation, report")
-    dm.add_argument("--default", default="toy", choices=sorted(DEFAULTS),
-                    help="; ".join(f"{k}: {v.what}" for k, v in DEFAULTS.items()) + " (default: toy)")
+    main_default = next(iter(DEFAULTS))
+    dm.add_argument("--default", default=main_default, choices=list(DEFAULTS),
+                    help="; ".join(f"{k}: {v.what}" for k, v in DEFAULTS.items()) + f" (default: {main_default})")
     dm.add_argument("--recipe-dir", default=None, help="directory holding the default's recipe pair "
-                                                        "(default: the repository's recipes/)")
+                                                        "(default: the packaged recipes)")
     dm.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. output_dir=/tmp/runs")
     cp = sub.add_parser("compare", help="the paper's main/ablation table on an embedded default (several seeds)")
     cp.add_argument("--default", default="toy", choices=sorted(DEFAULTS), help="which embedded default (toy)")
@@ -79,8 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"meml {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.cmd == "plan":
-        from megatron_meml.plan import run_plan
+        from megatron_meml.experiments.plan import run_plan
 
         return run_plan(args.recipe, args.overrides, args.nodes, args.gpus_per_node, args.gpu_mem_gb)
     if args.cmd == "report":
@@ -88,65 +103,52 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in STAGES:
         return _stage(args)
     if args.cmd == "compare":
-        from megatron_meml.compare import run_compare
+        from megatron_meml.experiments.compare import run_compare
 
         return run_compare(args.recipe_dir, args.overrides, [int(x) for x in args.seeds.split(",")], args.out,
                            variants=args.variant, only=args.only.split(",") if args.only else None,
                            default=args.default, keep_checkpoints=args.keep_checkpoints)
     if args.cmd == "demo":
-        from megatron_meml.demo import run_demo
+        from megatron_meml.experiments.demo import run_demo
 
         return run_demo(args.recipe_dir, args.overrides, default=args.default)
     if args.cmd == "export":
-        from megatron_meml.export import ExportConfig, run_export
+        from megatron_meml.stages.export import ExportConfig, run_export
 
         return run_export(ExportConfig(run_dir=args.run_dir, out=args.out, checkpoint=args.checkpoint, fp8=args.fp8,
                                        overwrite=args.overwrite, calib_samples=args.calib_samples))
-    try:
-        cfg = load_config(args.recipe, args.overrides)
-    except ConfigError as e:
-        print(f"meml: {e}", file=sys.stderr)
-        return 2
-    print(to_yaml(cfg), end="")
+    print(to_yaml(load_config(args.recipe, args.overrides)), end="")
     return 0
 
 
 def _stage(args: argparse.Namespace) -> int:
-    import logging
-
-    from megatron_meml import stages
-    from megatron_meml.checkpoint import CheckpointError
-    from megatron_meml.data.rows import DataError
     from megatron_meml.model.dtype import for_this_machine
-    from megatron_meml.run import RunError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = for_this_machine(load_config(args.recipe, args.overrides))
-        if args.cmd == "sft":
-            print(f"meml sft: model written to {stages.run_sft(cfg)}")
-        elif args.cmd == "train":
-            print(f"meml train: model written to {stages.run_train(cfg)}")
-        elif args.cmd == "traces":
-            from megatron_meml.traces import run_traces
+    cfg = for_this_machine(load_config(args.recipe, args.overrides))
+    if args.cmd == "sft":
+        from megatron_meml.stages.sft import run_sft
 
-            run_traces(cfg, recipe=args.recipe)
-        else:
-            stages.run_eval(cfg, args.checkpoint)
-    except (ConfigError, CheckpointError, DataError, RunError, FileNotFoundError) as e:
-        print(f"meml {args.cmd}: {e}", file=sys.stderr)
-        return 2
+        print(f"meml sft: model written to {run_sft(cfg)}")
+    elif args.cmd == "train":
+        from megatron_meml.stages.riel import run_train
+
+        print(f"meml train: model written to {run_train(cfg)}")
+    elif args.cmd == "traces":
+        from megatron_meml.stages.traces import run_traces
+
+        run_traces(cfg, recipe=args.recipe)
+    else:
+        from megatron_meml.stages.evaluate import run_eval
+
+        run_eval(cfg, args.checkpoint)
     return 0
 
 
 def _report(run_dir: str) -> int:
-    from megatron_meml.report import write_report
+    from megatron_meml.reporting.report import write_report
 
-    try:
-        paths = write_report(run_dir)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"meml report: {e}", file=sys.stderr)
-        return 2
+    paths = write_report(run_dir)
     print(f"meml report: wrote {len(paths)} files to {paths[-1].parent}")
     for p in paths:
         print(f"  {p}")

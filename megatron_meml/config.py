@@ -18,22 +18,22 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_meml.algo.config import AlgoConfig
-from megatron_meml.checkpoint_config import CheckpointConfig
 from megatron_meml.data.config import DataConfig
-from megatron_meml.evaluate import EvalConfig
-from megatron_meml.experts_config import ExpertsConfig
+from megatron_meml.errors import ConfigError
+from megatron_meml.experts.config import ExpertsConfig
 from megatron_meml.hard_examples.config import HardExampleConfig
-from megatron_meml.metrics_config import LoggingConfig
 from megatron_meml.model.config import ModelConfig
 from megatron_meml.parallel import ParallelConfig
+from megatron_meml.reporting.config import LoggingConfig
 from megatron_meml.rewards.config import RewardConfig
 from megatron_meml.rollout.config import RolloutConfig
-from megatron_meml.traces_config import TracesConfig
+from megatron_meml.stages.config import CheckpointConfig, EvalConfig, TracesConfig
 from megatron_meml.training.config import TrainConfig
 
+PACKAGED_RECIPES = Path(__file__).resolve().parent / "recipes"
+"""The recipes shipped inside the package (the repository's recipes/ links here); ``meml CMD NAME`` finds NAME.yaml
+there when NAME is not a file."""
 
-class ConfigError(ValueError):
-    """A user-caused recipe/override error; the message names the file and key."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +128,20 @@ def _default_instance(cls: type) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- loading
+def find_recipe(recipe: str | os.PathLike) -> Path:
+    """A recipe file: ``recipe`` itself when it is a file, else the packaged recipe of that name (with or without
+    ``.yaml``); ConfigError naming the packaged ones otherwise."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    packaged = PACKAGED_RECIPES / name
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(p.stem for p in PACKAGED_RECIPES.glob("*.yaml")))
+    raise ConfigError(f"recipe file not found: {recipe} (a path, or the name of a packaged recipe: {known})")
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
@@ -156,7 +170,7 @@ def _resolve_base(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, di
 
 def recipe_files(recipe) -> list[Path]:
     """The files a recipe is built from: its ``base:`` chain, base first, then the recipe itself."""
-    return [Path(where) for where, _ in _resolve_base(Path(recipe))]
+    return [Path(where) for where, _ in _resolve_base(find_recipe(recipe))]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -221,7 +235,7 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
     """Load a recipe (a YAML diff over the defaults) and apply dotted ``key=value`` overrides."""
     merged = OmegaConf.structured(MemlConfig)
     if recipe is not None:
-        for where, data in _resolve_base(Path(recipe)):
+        for where, data in _resolve_base(find_recipe(recipe)):
             merged = _merge_one(merged, data, where)
     for text in overrides:
         key, value = parse_override(text)

@@ -7,6 +7,9 @@ from typing import Any, Optional
 import torch
 
 KINDS = ("math", "choice", "bool")
+"""Problem kinds: a number, an option letter, yes/no."""
+ANSWER_FORMATS = ("boxed", "the_answer_is", "hash")
+"""How an expert writes its final answer (experts.answer_format): \\boxed{X}, "The answer is X.", #### X."""
 
 
 @dataclass(frozen=True, kw_only=True)

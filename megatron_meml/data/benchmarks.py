@@ -160,7 +160,7 @@ def hub_rows(source: str, hub_id: str | None, split: str) -> Iterator[tuple[RowR
     if name is None:
         raise DataError(f"data.source={source}: no local file given (data.path) and no hub id (data.hub_id)")
     try:
-        import datasets
+        import datasets  # only for hub loads (seconds to import); local files never need it
 
         ds = datasets.load_dataset(name, config, split=split) if config else datasets.load_dataset(name, split=split)
     except Exception as e:  # network, auth, missing split: all user-fixable, all reported the same way

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 from megatron_meml.data.synthetic import ALPHABET
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -18,9 +21,6 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 def char_tokenizer(texts: Iterable[str]):
     """A PreTrainedTokenizerFast whose vocabulary is exactly the specials plus every character in ``texts``
     (sorted by code point, so the same texts always give the same ids)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     chars = sorted(set("".join(texts)))
     vocab = {tok: i for i, tok in enumerate(list(SPECIALS) + chars)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

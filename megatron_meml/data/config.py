@@ -43,6 +43,12 @@ class DataConfig:
     """Synthetic: operations (add, mul, expr)."""
     synthetic_size: int = 4096
     """Synthetic and wordmath: number of generated problems (wordmath: train + held-out together)."""
+    eval_levels: Optional[List[int]] = None
+    """Wordmath: levels of the held-out problems (with ``eval_weights``); None: the training levels. A MEF recipe
+    that trains on easy levels can so evaluate on the RL recipe's held-out problems: the same levels, weights,
+    size, fraction and seed give the same problems."""
+    eval_weights: Optional[List[float]] = None
+    """Wordmath: mixture weight of each of ``eval_levels`` (None: equal)."""
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -60,5 +66,10 @@ class DataConfig:
             raise ValueError(f"data.synthetic_ops must be a non-empty subset of {SYNTHETIC_OPS}, got {self.synthetic_ops}")
         if self.synthetic_size < 1:
             raise ValueError(f"data.synthetic_size must be >= 1, got {self.synthetic_size}")
+        if self.eval_weights is not None and (self.eval_levels is None
+                                              or len(self.eval_weights) != len(self.eval_levels)):
+            raise ValueError("data.eval_weights needs data.eval_levels of the same length")
+        if self.eval_levels is not None and (not self.eval_levels or any(lvl < 1 for lvl in self.eval_levels)):
+            raise ValueError(f"data.eval_levels must be levels >= 1, got {self.eval_levels}")
         if self.max_problems is not None and self.max_problems < 1:
             raise ValueError(f"data.max_problems must be >= 1 or null, got {self.max_problems}")

@@ -109,11 +109,14 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem
 
 
 def _wordmath_splits(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Word arithmetic: ``round(size * val_fraction)`` held-out problems from their own stream, then the rest of
-    ``synthetic_size`` for training with no held-out question text among them (small levels repeat otherwise)."""
+    """Word arithmetic: ``round(size * val_fraction)`` held-out problems (of ``eval_levels`` when set) from their own
+    stream, then the rest of ``synthetic_size`` for training with no held-out question text among them (small
+    levels repeat otherwise)."""
     n_val = round(cfg.synthetic_size * cfg.val_fraction)
     levels, weights = cfg.synthetic_levels, cfg.synthetic_weights
-    val = wordmath.generate_problems(levels, weights, n_val, seed=seed, split="validation") if n_val else []
+    eval_levels = cfg.eval_levels or levels
+    eval_weights = cfg.eval_weights or (weights if cfg.eval_levels is None else [1.0] * len(eval_levels))
+    val = wordmath.generate_problems(eval_levels, eval_weights, n_val, seed=seed, split="validation") if n_val else []
     train = wordmath.generate_problems(levels, weights, cfg.synthetic_size - n_val, seed=seed, split="train",
                                        exclude=frozenset(p.question for p in val))
     if cfg.max_problems is not None:

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
+from megatron_meml.errors import DataError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-
-class DataError(ValueError):
-    """A user-fixable problem with a data file: the message names the file, the line/index and the field."""
 
 
 @dataclass(frozen=True, kw_only=True)

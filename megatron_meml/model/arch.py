@@ -6,10 +6,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from megatron_meml.errors import RunError, UserError
 from megatron_meml.model.config import ModelConfig
 
 # Registry: HF architecture class / model_type -> family key. Families are the keys of the conversion tables.
@@ -17,7 +21,7 @@ ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama"}
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(UserError):
     """The HF config names an architecture this project has no mapping for."""
 
 
@@ -113,11 +117,11 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     cfg = p / "config.json" if p.is_dir() else p
     if not cfg.is_file():
-        raise FileNotFoundError(f"no config.json in model directory '{path}'")
+        raise RunError(f"no config.json in model directory '{path}'")
     try:
         return json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: not valid JSON: {e}") from None
+        raise RunError(f"{cfg}: not valid JSON: {e}") from None
 
 
 def arch_from_model_config(cfg: ModelConfig) -> ArchSpec:
@@ -134,10 +138,6 @@ def arch_from_model_config(cfg: ModelConfig) -> ArchSpec:
 
 def rope_inv_freq(arch: ArchSpec):
     """Rotary inverse frequencies [head_dim/2], with Llama 3.x scaling applied exactly as HF does."""
-    import math
-
-    import torch
-
     d = arch.head_dim
     inv = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     s = arch.rope_scaling

@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import types
 
+import megatron.core.optimizer.clip_grads as clip_grads
+import megatron.core.optimizer.optimizer as optimizer
+import megatron.core.pipeline_parallel.schedules as schedules
+import megatron.core.utils as mcore_utils
 import torch
+from megatron.core.tensor_parallel import random as tp_random
 
 _INSTALLED = False
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like",
@@ -70,15 +75,10 @@ def install_cpu_shim() -> None:
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
 
-    from megatron.core.tensor_parallel import random as tp_random
 
     tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
-    import megatron.core.optimizer.clip_grads as clip_grads
-    import megatron.core.optimizer.optimizer as optimizer
-    import megatron.core.pipeline_parallel.schedules as schedules
-    import megatron.core.utils as mcore_utils
 
     proxy = _TorchProxy()
     for mod in (schedules, optimizer, clip_grads, mcore_utils):

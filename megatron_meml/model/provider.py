@@ -11,16 +11,23 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.common.embeddings import rope_utils
+from megatron.core.models.gpt import gpt_layer_specs as specs
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_meml.errors import UserError
 from megatron_meml.model.arch import ArchSpec, rope_inv_freq
 from megatron_meml.model.config import ModelConfig
 from megatron_meml.model.dtype import resolve_model_dtype
+from megatron_meml.model.sdpa_attention import SDPAttention
 from megatron_meml.parallel import ParallelConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """A model setting that cannot work on this installation or layout."""
 
 
@@ -64,8 +71,6 @@ def fusion_flags(cfg: ModelConfig, *, cuda: bool) -> dict[str, bool]:
     on = cfg.fused_kernels and cuda
     rope_fusion = False
     if on:
-        from megatron.core.models.common.embeddings import rope_utils
-
         rope_fusion = rope_utils.fused_apply_rotary_pos_emb is not None
     return dict(
         bias_activation_fusion=on, bias_dropout_fusion=on, cross_entropy_loss_fusion=on,
@@ -76,8 +81,6 @@ def fusion_flags(cfg: ModelConfig, *, cuda: bool) -> dict[str, bool]:
 
 def transformer_config(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfig):
     """Megatron ``TransformerConfig`` for ``arch`` under ``cfg`` and the parallel layout."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     arch.check_tp(parallel.tp)
     arch.check_pp(parallel.pp)
     cfg = resolve_model_dtype(cfg)  # a config that did not come through a stage may still say auto
@@ -107,15 +110,11 @@ def transformer_config(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfi
 def layer_spec(name: str):
     """Megatron ``ModuleSpec`` of one transformer layer: 'te', 'local', or 'sdpa' (the local spec whose core
     attention is ``SDPAttention``; same modules and parameter names otherwise, so checkpoints interchange)."""
-    from megatron.core.models.gpt import gpt_layer_specs as specs
-
     if name == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec()
     if name == "local":
         return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     if name == "sdpa":
-        from megatron_meml.model.sdpa_attention import SDPAttention
-
         local = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
         attn = local.submodules.self_attention
         attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
@@ -126,9 +125,6 @@ def layer_spec(name: str):
 
 def build_model(arch: ArchSpec, cfg: ModelConfig, parallel: ParallelConfig, *, vp_stage: Optional[int] = None):
     """One pipeline stage's ``GPTModel`` (pre/post-process from Megatron's parallel state), on the right device."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-
     tcfg = transformer_config(arch, cfg, parallel)
     spec = layer_spec(resolve_layer_spec(cfg))
     first = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)

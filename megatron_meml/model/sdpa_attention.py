@@ -32,8 +32,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
+from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -41,6 +40,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
+from torch import Tensor
 
 _HAS_ENABLE_GQA = torch.__version__ >= (2, 5)  # the enable_gqa keyword of scaled_dot_product_attention
 _HALF = (torch.float16, torch.bfloat16)
@@ -135,8 +135,6 @@ class SDPAttention(MegatronModule):
             s = q.shape[2]
             mask = {"attn_mask": torch.ones(s, prefix + s, dtype=torch.bool, device=q.device).tril_(prefix)}
         if p > 0.0 and not self.config.sequence_parallel:
-            from megatron.core import tensor_parallel
-
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.softmax_scale, **mask, **gqa)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.softmax_scale, **mask, **gqa)

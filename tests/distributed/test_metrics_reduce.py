@@ -21,7 +21,7 @@ EXPECTED = {"rollout/num_samples": 16.0, "rollout/response_len": 15.0, "reward/m
 
 
 def _body(rank: int, world: int) -> None:
-    from megatron_meml.metrics import reduce_across_ranks
+    from megatron_meml.reporting.metrics import reduce_across_ranks
 
     got = reduce_across_ranks(RANK_METRICS[rank])
     assert sorted(got) == sorted(EXPECTED), sorted(got)

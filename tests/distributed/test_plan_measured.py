@@ -48,7 +48,7 @@ def _body(rank, world):
     from megatron_meml.model.arch import arch_from_model_config
     from megatron_meml.model.config import ModelConfig
     from megatron_meml.parallel import ParallelConfig
-    from megatron_meml.plan import rank_state
+    from megatron_meml.experiments.plan import rank_state
     from megatron_meml.training.config import TrainConfig
     from megatron_meml.training.setup import setup_training, zero_grads
 

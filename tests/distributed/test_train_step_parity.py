@@ -219,7 +219,7 @@ def test_teachers_scored_ahead_match_in_batch_teachers(tmp_path):
 def _empty_step(rank, world, tmp):
     """A batch that scores nothing on any DP rank runs no forward, backward or AdamW update (AdamW on a zero
     gradient would still move the weights along its momentum): weights unchanged after a real step built momentum."""
-    from megatron_meml.batching import to_train_batch
+    from megatron_meml.stages.batching import to_train_batch
     from megatron_meml.model.provider import unwrap
     from megatron_meml.training.config import TrainConfig
     from megatron_meml.training.setup import setup_training
@@ -252,7 +252,7 @@ def _checkpoint_before_any_update(rank, world, tmp):
     import json
     from pathlib import Path
 
-    from megatron_meml.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_meml.training.checkpoint import load_checkpoint, save_checkpoint
     from megatron_meml.training.config import TrainConfig
     from megatron_meml.training.setup import setup_training
 

@@ -47,7 +47,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _calibration(run_dir: Path, n: int) -> list[list[int]]:
     from megatron_meml.config import load_config
-    from megatron_meml.export import calibration_sequences
+    from megatron_meml.stages.export import calibration_sequences
 
     return calibration_sequences(load_config(run_dir / "config.sft.yaml"), n)
 
@@ -125,7 +125,7 @@ def test_export_fp8_scales_are_calibrated_maxima(run_dir, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from megatron_meml.export import fp8_fake_quantize, fp8_linears
+    from megatron_meml.stages.export import fp8_fake_quantize, fp8_linears
 
     plain, fp8 = tmp_path / "plain", tmp_path / "fp8"
     assert meml(["export", str(run_dir), "--out", str(plain)]) == 0

@@ -26,8 +26,8 @@ def _tiny_hf_model(path: Path) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from megatron_meml.data.charset import char_tokenizer
-    from megatron_meml.experts import load_experts, vocab_texts
-    from megatron_meml.experts_config import ExpertsConfig
+    from megatron_meml.experts.expert_set import load_experts, vocab_texts
+    from megatron_meml.experts.config import ExpertsConfig
 
     rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:N_PROBLEMS]]
     ecfg = ExpertsConfig(ids=["expert0", "expert1", "expert2"])

@@ -55,7 +55,7 @@ def test_dynamic_sampling_fills_the_batch_on_the_real_model(tmp_path):
     assert any(r["rollout/gen_batches"] > 1 for r in rows), "no refill happened"
     assert all(r["train/prompt_tokens_shared"] > 0 for r in rows), "no prompt was shared"
     from megatron_meml.config import load_config
-    from megatron_meml.run import load_data
+    from megatron_meml.stages.inputs import load_data
 
     level = {p.id: p.meta["level"] for p in load_data(load_config(RECIPE, overrides))[0]}
     store = [json.loads(x) for f in (run / "hard_examples").glob("gen-*.jsonl") for x in f.read_text().splitlines()]

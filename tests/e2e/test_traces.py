@@ -64,8 +64,8 @@ def bigram_teacher(path: Path, texts: list[str], hidden: int = 128) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    from megatron_meml.experts import load_experts, vocab_texts
-    from megatron_meml.experts_config import ExpertsConfig
+    from megatron_meml.experts.expert_set import load_experts, vocab_texts
+    from megatron_meml.experts.config import ExpertsConfig
 
     root = tmp_path_factory.mktemp("traces")
     prompts = root / "prompts"
@@ -119,7 +119,7 @@ def _summary(out: Path) -> dict:
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_files(setup):
-    from megatron_meml.traces import TracesError, run_traces
+    from megatron_meml.stages.traces import TracesError, run_traces
 
     part = setup["root"] / "part"
     proc = _meml(setup["recipe"], f"traces.out_dir={part}", "traces.max_chunks=1")
@@ -177,7 +177,7 @@ def test_printed_overrides_feed_meml_sft(setup):
     from transformers import AutoTokenizer
 
     from megatron_meml.data.loaders import load_splits
-    from megatron_meml.experts import ExpertSet
+    from megatron_meml.experts.expert_set import ExpertSet
 
     line = next(x for x in setup["stdout"].splitlines() if x.strip().startswith("meml sft "))
     overrides = line.split()[3:]

@@ -4,7 +4,7 @@ Tolerances (stated, relative Frobenius error ||x - ref|| / ||ref||, ref = the lo
   fp32: sdpa vs local <= 1e-5 on logits and on every parameter gradient.
   bf16: sdpa's error <= 1.5 x the local spec's own bf16 error + 1e-3, on logits and on every parameter gradient
         (the two bf16 paths round differently, so neither is compared with the other directly).
-Run on a lent GPU by bench/gpu_check.sh; skipped without CUDA (tests/conftest.py).
+Run on a GPU machine by bench/gpu_check.sh; skipped without CUDA (tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ B, S = 4, 256
 def megatron_gpu():
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_meml.parallel import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_meml.parallel import ParallelConfig
+
+    from megatron_meml.distributed import destroy_distributed, init_distributed
 
     par = ParallelConfig(backend="nccl")
     init_distributed(par)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_meml.algo.advantages import grpo_advantages
-from megatron_meml.batching import grpo_rows, to_train_batch, zero_advantage_share
+from megatron_meml.stages.batching import grpo_rows, to_train_batch, zero_advantage_share
 from megatron_meml.types import Completion, ExpertGroup, Problem
 
 

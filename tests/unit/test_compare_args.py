@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_meml.compare import PAPER_MUTUAL, RL_VARIANTS, parse_variant, run_compare
 from megatron_meml.config import load_config
+from megatron_meml.experiments.compare import PAPER_MUTUAL, RL_VARIANTS, parse_variant, run_compare
 
 
 def test_parse_variant():
@@ -44,7 +44,7 @@ def test_bad_compare_input_fails_before_running(tmp_path, capsys, kwargs, messag
 def test_final_eval_columns(tmp_path):
     import json
 
-    from megatron_meml.compare import REWARD_WINDOW, _final_eval
+    from megatron_meml.experiments.compare import REWARD_WINDOW, _final_eval
 
     ev = {"stage": "eval", "step": 12, "eval/synthetic/a/accuracy": 0.2, "eval/synthetic/b/accuracy": 0.3,
           "eval/synthetic/c/accuracy": 0.5, "eval/synthetic/best_expert/accuracy": 0.5}
@@ -62,14 +62,13 @@ def test_traces_default_pins_the_problems_over_seeds(tmp_path, monkeypatch):
     """The smollm2 default draws teacher traces once, for one set of train problems: every command of every seed
     must then name the same data.seed (else seeds 2, 3 get wordmath problems the trace ids never join to), while
     the toy keeps varying its problems with the seed."""
-    import megatron_meml.compare as compare
-    import megatron_meml.defaults as defaults
+    import megatron_meml.experiments.compare as compare
 
     calls = []
     monkeypatch.setattr(compare, "_meml", lambda argv, log, recipes: calls.append(argv))
     monkeypatch.setattr(compare, "_final_eval", lambda run_dir, e0: {"acc_expert0": 0.0, "acc_best_expert": 0.0})
-    monkeypatch.setattr(defaults, "trace_overrides", lambda d: ["experts.teacher_traces.expert1=t.jsonl"])
-    monkeypatch.setattr("megatron_meml.report.write_compare_table", lambda rows, root: None)
+    monkeypatch.setattr(compare, "trace_overrides", lambda d: ["experts.teacher_traces.expert1=t.jsonl"])
+    monkeypatch.setattr(compare, "write_compare_table", lambda rows, root: None)
     assert run_compare(None, [], [1, 2], str(tmp_path / "real"), only=["MEML-GRPO"], default="smollm2") == 0
     assert [a[0] for a in calls] == ["traces", "sft", "eval", "train", "sft", "eval", "train"]
     assert all("data.seed=1234" in a for a in calls)
@@ -80,8 +79,8 @@ def test_traces_default_pins_the_problems_over_seeds(tmp_path, monkeypatch):
 
 
 def test_data_seed_fixes_the_problems_not_the_run():
-    from megatron_meml.defaults import RECIPES
-    from megatron_meml.run import load_data
+    from megatron_meml.experiments.defaults import RECIPES
+    from megatron_meml.stages.inputs import load_data
 
     def ids(*over):
         cfg = load_config(RECIPES / "smollm2-wordmath.yaml", list(over))
@@ -95,8 +94,8 @@ def test_data_seed_fixes_the_problems_not_the_run():
 
 def test_dynamic_rows_get_the_plain_rows_rollout_budget():
     """Equal generation, not equal steps: budget = steps x problems x K x G of the recipe (toy: 30 x 8 x 3 x 8)."""
-    from megatron_meml.compare import DYNAMIC_ROWS, dynamic_variants
-    from megatron_meml.defaults import RECIPES
+    from megatron_meml.experiments.compare import DYNAMIC_ROWS, dynamic_variants
+    from megatron_meml.experiments.defaults import RECIPES
 
     base = load_config(RECIPES / "embedded-default.yaml")
     rows = dynamic_variants(base)
@@ -121,7 +120,7 @@ def test_compare_table_gathers_the_seeds_of_earlier_compares(tmp_path, monkeypat
     import json
     import shutil
 
-    import megatron_meml.compare as compare
+    import megatron_meml.experiments.compare as compare
 
     recipes = tmp_path / "recipes"
     recipes.mkdir()
@@ -154,7 +153,7 @@ def test_compare_reuses_a_run_from_another_checkout_but_not_after_a_base_recipe_
     import json
     import shutil
 
-    import megatron_meml.compare as compare
+    import megatron_meml.experiments.compare as compare
 
     a = tmp_path / "a"
     (a / "base").mkdir(parents=True)

@@ -151,9 +151,10 @@ def test_truncated_safetensors_is_named(qwen, tmp_path, capsys):
 
 
 def test_truncated_safetensors_in_model_hf_path_is_a_run_error(qwen, tmp_path):
-    """The trainer's HF weight loading (megatron_meml/run.py) raises RunError, which `meml` prints as one line."""
+    """The trainer's HF weight loading (megatron_meml/stages/context.py) raises RunError, which `meml` prints as one line."""
     from megatron_meml.model.arch import arch_from_hf_config, load_hf_config
-    from megatron_meml.run import RunError, load_hf_weights
+    from megatron_meml.errors import RunError
+    from megatron_meml.stages.context import load_hf_weights
 
     src = truncated_copy(qwen, tmp_path / "m")
     arch = arch_from_hf_config(load_hf_config(src))

@@ -8,10 +8,11 @@ import pytest
 
 from megatron_meml.data import DataConfig, DataError, load_problems
 from megatron_meml.data.charset import char_tokenizer
-from megatron_meml.experts import (PACKAGE_PROMPT_DIR, ExpertSet, format_instruction, load_experts,
-                                   load_teacher_traces, synthetic_expert_set, vocab_texts)
-from megatron_meml.experts_config import ANSWER_FORMATS, ExpertsConfig
+from megatron_meml.experts.config import ExpertsConfig
+from megatron_meml.experts.expert_set import (PACKAGE_PROMPT_DIR, ExpertSet, format_instruction, load_experts,
+                                              load_teacher_traces, synthetic_expert_set, vocab_texts)
 from megatron_meml.rewards.score import score_strict
+from megatron_meml.types import ANSWER_FORMATS
 from megatron_meml.types import Problem
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,6 +50,8 @@ def test_prompt_errors(tmp_path):
     ({"ids": []}, "experts.ids"), ({"ids": ["a", "a"]}, "experts.ids"), ({"answer_format": "xml"}, "answer_format"),
     ({"chat_template": "jinja"}, "chat_template"), ({"teacher_traces": {"zz": "f.jsonl"}}, "teacher_traces"),
     ({"plain_template": "{system}"}, "plain_template"), ({"plain_template": "{system}{q"}, "plain_template"),
+    ({"ids": ["e0", "e1"], "styles": {"e9": "r1"}}, "experts.styles names experts not in"),
+    ({"ids": ["e0", "e1"], "styles": {"e1": "r1"}, "teacher_traces": {"e1": "t.jsonl"}}, "both experts.styles"),
 ])
 def test_config_checks_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -168,3 +171,28 @@ def test_synthetic_vocabulary_does_not_depend_on_how_many_experts_are_active():
     assert one.tokenizer.encode(text) == three.tokenizer.encode(text)
     problem = Problem(id="p", question="12+34", answer="46")
     assert one.expand([problem])[0][2] == three.expand([problem])[0][2]
+
+
+def test_styled_experts_learn_every_problem_in_their_own_style():
+    """experts.styles: each expert's MEF rows are every training problem's gold work in its style (balanced), the
+    answer line after it; a style the data does not have is a DataError naming the expert and the styles there."""
+    from megatron_meml.data.wordmath import generate_problems
+    from megatron_meml.errors import DataError
+
+    problems = generate_problems([1, 5], [1.0, 1.0], 6, seed=0)
+    cfg = ExpertsConfig(ids=["expert0", "expert1", "expert2"], answer_format="the_answer_is",
+                        styles={"expert0": "plain", "expert1": "r1", "expert2": "plan"})
+    tok = char_tokenizer(["".join(vocab_texts(load_experts(cfg, 3), cfg)),
+                          "".join(t for p in problems for t in (p.question, *p.meta["solutions"].values()))])
+    es = ExpertSet.from_config(cfg, 3, tok)
+    assert [e.style for e in es.experts] == ["plain", "r1", "plan"]
+    rows, reports = es.mef_examples(problems)
+    assert reports == [] and [r.expert for r in rows] == [0] * 6 + [1] * 6 + [2] * 6
+    for r in rows:
+        p = next(q for q in problems if q.id == r.problem_id)
+        text = tok.decode(r.tokens[r.prompt_len:], skip_special_tokens=True)
+        style = es.experts[r.expert].style
+        assert text == f"{p.meta['solutions'][style]}\nThe answer is {p.answer}."
+    bad = ExpertsConfig(ids=["expert0", "expert1"], answer_format="the_answer_is", styles={"expert1": "haiku"})
+    with pytest.raises(DataError, match="expert 'expert1' writes style 'haiku'.*'plain', 'plan', 'r1'"):
+        ExpertSet.from_config(bad, 2, tok).mef_examples(problems)

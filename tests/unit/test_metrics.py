@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
-from megatron_meml.metrics import (METRICS_FILE, SAMPLES_FILE, MetricsLogger, PhaseTimers, format_progress,
-                                   read_jsonl, read_metrics, reduce_across_ranks, reduction_for)
-from megatron_meml.metrics_config import LoggingConfig
+from megatron_meml.errors import RunError
+from megatron_meml.reporting.config import LoggingConfig
+from megatron_meml.reporting.metrics import (METRICS_FILE, SAMPLES_FILE, MetricsLogger, PhaseTimers, format_progress,
+                                             read_jsonl, read_metrics, reduce_across_ranks, reduction_for)
 
 NO_TB = LoggingConfig(tensorboard=False)
 
@@ -63,7 +64,7 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_the_line(tmp_path):
 
 
 def test_missing_metrics_file_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
+    with pytest.raises(RunError, match="metrics.jsonl does not exist"):
         read_metrics(tmp_path)
 
 
@@ -249,7 +250,7 @@ def test_memory_metrics_track_the_peak_resident_set():
 
     import torch
 
-    from megatron_meml.metrics import memory_metrics, reduction_for
+    from megatron_meml.reporting.metrics import memory_metrics, reduction_for
 
     before = memory_metrics()["memory/peak_rss_gb"]
     with open("/proc/self/statm") as f:

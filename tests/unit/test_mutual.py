@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 
 from megatron_meml.algo.mutual import select_pairs
-from megatron_meml.batching import mutual_weight, pair_rows
 from megatron_meml.data import DataConfig, load_problems
-from megatron_meml.experts import synthetic_expert_set
-from megatron_meml.experts_config import ExpertsConfig
+from megatron_meml.experts.config import ExpertsConfig
+from megatron_meml.experts.expert_set import synthetic_expert_set
+from megatron_meml.stages.batching import mutual_weight, pair_rows
 from megatron_meml.training.forward_step import STUDENT, TEACHER
 from megatron_meml.types import Completion, ExpertGroup
 
@@ -57,7 +57,7 @@ def test_hard_example_sft_target(target):
 
     from megatron_meml.config import load_config
     from megatron_meml.hard_examples.example import HardExample
-    from megatron_meml.loop import hard_sft_examples
+    from megatron_meml.stages.riel import hard_sft_examples
 
     experts = synthetic_expert_set(ExpertsConfig(), 3)
     p = _problems(1)[0]

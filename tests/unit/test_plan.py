@@ -7,9 +7,9 @@ import pytest
 
 from megatron_meml.cli import main
 from megatron_meml.config import load_config
+from megatron_meml.experiments.plan import (KNOWN_SHAPES, Layout, Param, buffer_shards, chunk_params, inflight_chunks,
+                                            layer_activation_bytes, plan, rank_state)
 from megatron_meml.model.arch import arch_from_hf_config
-from megatron_meml.plan import (KNOWN_SHAPES, Layout, Param, buffer_shards, chunk_params, inflight_chunks,
-                                layer_activation_bytes, plan, rank_state)
 
 RECIPE_70B = "recipes/meml-llama-3.1-70b-8n8g-tp8pp4dp2.yaml"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from megatron_meml.config import load_config
-from megatron_meml.defaults import DEFAULTS
-from megatron_meml.plan import Layout, plan
+from megatron_meml.experiments.defaults import DEFAULTS
+from megatron_meml.experiments.plan import Layout, plan
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 NAME = re.compile(r"^(?P<algo>[a-z0-9]+)-(?P<model>[a-z0-9.-]+?)-(?P<nodes>\d+)n(?P<gpus>\d+)g-"

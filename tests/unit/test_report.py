@@ -8,12 +8,13 @@ import matplotlib.image
 import pytest
 
 from megatron_meml.cli import main
-from megatron_meml.metrics import MetricsLogger
-from megatron_meml.metrics_config import LoggingConfig
-from megatron_meml.report import (centred_mean, compare_stats, final_eval, paired_differences, smoothing_window,
-                                  write_compare_table, write_report)
-from megatron_meml.report_tables import latest_samples, oracle_accuracy, pair_counts, solved_matrix
-from megatron_meml.samples import EvalProblem, Sample, eval_file, write_eval_problems
+from megatron_meml.errors import RunError
+from megatron_meml.reporting.config import LoggingConfig
+from megatron_meml.reporting.metrics import MetricsLogger
+from megatron_meml.reporting.report import (centred_mean, compare_stats, final_eval, paired_differences,
+                                            smoothing_window, write_compare_table, write_report)
+from megatron_meml.reporting.samples import EvalProblem, Sample, eval_file, write_eval_problems
+from megatron_meml.reporting.tables import latest_samples, oracle_accuracy, pair_counts, solved_matrix
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -71,7 +72,7 @@ def test_full_run_writes_every_plot_and_the_summary(tmp_path):
 
 def test_final_eval_takes_each_key_latest_value(tmp_path):
     _full_run(tmp_path)
-    from megatron_meml.metrics import read_metrics
+    from megatron_meml.reporting.metrics import read_metrics
 
     final = final_eval(read_metrics(tmp_path))
     assert final["accuracy"]["2"] == {"gsm8k": pytest.approx(0.26), "mathqa": pytest.approx(0.46)}
@@ -90,9 +91,9 @@ def test_only_present_series_are_plotted(tmp_path):
 
 
 def test_report_errors_name_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(RunError, match="does not exist"):
         write_report(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
+    with pytest.raises(RunError, match="metrics.jsonl does not exist"):
         write_report(tmp_path)
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="holds no metrics yet"):
@@ -123,7 +124,7 @@ def test_centred_mean_against_hand_worked_numbers():
 def test_curves_keep_the_raw_points_and_name_the_window():
     import matplotlib.pyplot as plt
 
-    from megatron_meml.report import _draw
+    from megatron_meml.reporting.report import _draw
 
     fig, ax = plt.subplots()
     values = [0.0, 3.0, 6.0, 3.0, 0.0]

@@ -1,4 +1,4 @@
-"""Verifiers: the acceptance sweeps over the shared benchmarks, and hand-worked cases for every answer form."""
+"""Verifiers: sweeps over every gold solution of the shared benchmarks, and hand-worked cases for every answer form."""
 from __future__ import annotations
 
 import signal
@@ -25,7 +25,7 @@ CHOICE = Problem(id="c", question="q", answer="b", kind="choice",
                  options=(("a", "38"), ("b", "27.675"), ("c", "30 %"), ("d", "data inadequate"), ("e", "rs . 1,200")))
 
 
-# ------------------------------------------------------------------------------------------------ acceptance
+# ---------------------------------------------------------------------------------------- benchmark sweeps
 def test_gsm8k_every_gold_solution_scores_correct_and_plus_one_wrong(shared_data):
     total = 0
     for split in ("train", "test"):

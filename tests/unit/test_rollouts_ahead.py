@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from megatron_meml.checkpoint import AHEAD_DIR, CheckpointError, load_ahead
 from megatron_meml.rollout.ahead import AheadBatch, RolloutsAhead
+from megatron_meml.training.checkpoint import AHEAD_DIR, CheckpointError, load_ahead
 from megatron_meml.types import Completion, ExpertGroup, Problem
 
 

@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 
 from megatron_meml.config import MemlConfig
-from megatron_meml.evaluate import read_out, readout_metrics
-from megatron_meml.experts import synthetic_expert_set
-from megatron_meml.experts_config import ExpertsConfig
-from megatron_meml.metrics import SAMPLES_FILE, MetricsLogger
-from megatron_meml.metrics_config import LoggingConfig
+from megatron_meml.experts.config import ExpertsConfig
+from megatron_meml.experts.expert_set import synthetic_expert_set
+from megatron_meml.reporting.config import LoggingConfig
+from megatron_meml.reporting.metrics import SAMPLES_FILE, MetricsLogger, PhaseTimers
+from megatron_meml.reporting.samples import (EvalProblem, Sample, clip, eval_file, eval_problem_rows, format_rates,
+                                             latest_eval_file, md_cell, pick_samples, read_eval_problems, read_samples,
+                                             record_eval, riel_samples, samples_markdown, write_eval_problems)
 from megatron_meml.rewards import RewardConfig, score
-from megatron_meml.run import RunContext
-from megatron_meml.samples import (EvalProblem, Sample, clip, eval_file, eval_problem_rows, format_rates,
-                                   latest_eval_file, md_cell, pick_samples, read_eval_problems, read_samples,
-                                   record_eval, riel_samples, samples_markdown, write_eval_problems)
+from megatron_meml.stages.context import RunContext, StopFlag
+from megatron_meml.stages.evaluate import read_out, readout_metrics
+from megatron_meml.stages.paths import RunPaths
 from megatron_meml.types import Completion, ExpertGroup, Problem
 
 SAMPLE_FIELDS = {"stage", "step", "expert", "problem_id", "prompt", "completion", "reward", "extracted", "gold",
@@ -33,9 +34,10 @@ def _completion(text: str, finish: str = "stop") -> Completion:
 
 def _ctx(tmp_path: Path, *, rank: int = 0, tensorboard: bool = False, **logging) -> RunContext:
     cfg = MemlConfig(logging=LoggingConfig(tensorboard=tensorboard, **logging))
-    return RunContext(cfg=cfg, run_dir=tmp_path, arch=None, experts=synthetic_expert_set(cfg.experts, 3),
+    return RunContext(cfg=cfg, paths=RunPaths(tmp_path), arch=None, experts=synthetic_expert_set(cfg.experts, 3),
                       train_problems=[], eval_problems=[], state=None, trainer=None,
-                      logger=MetricsLogger(tmp_path, cfg.logging, enabled=rank == 0), rank=rank)
+                      logger=MetricsLogger(tmp_path, cfg.logging, enabled=rank == 0), timers=PhaseTimers(),
+                      stop=StopFlag(), dp_rank=0, dp_size=1, rank=rank)
 
 
 # ------------------------------------------------------------------------------------------------ picker
@@ -195,11 +197,28 @@ def test_eval_read_outs_tell_format_from_skill():
     assert [[r.score.reward for r in mine] for mine in results] == [[1.0, 0.0], [0.0, 1.0]]
     assert readout_metrics(list(texts), results, "gsm8k") == {
         "eval/gsm8k/a/format_rate": 0.5, "eval/gsm8k/a/last_number_accuracy": 1.0,
-        "eval/gsm8k/b/format_rate": 1.0, "eval/gsm8k/b/last_number_accuracy": 1.0}
+        "eval/gsm8k/b/format_rate": 1.0, "eval/gsm8k/b/last_number_accuracy": 1.0,
+        "eval/gsm8k/answer_agreement": 0.0}  # 7 vs 8; no answer vs 12
     choice = _results({"a": ["The answer is b"]}, problems=[CHOICE])
     assert choice[0][0].last_number is None
     assert readout_metrics(["a"], choice, "mathqa") == {"eval/mathqa/a/format_rate": 1.0}  # no math: no last number
 
+
+
+def test_eval_style_rates_and_answer_agreement():
+    """Each expert's share of completions in each wordmath style, and the problems on which all experts agree."""
+    from megatron_meml.stages.evaluate import STYLE_READERS
+
+    texts = {"a": ["We need x.\nStep 1: 2 + 3 = 5 after. Check: 5 - 3 = 2.\nThe answer is 5.",
+                   "So 1 + 1 = 2.\nThe answer is 2.", "The answer is 9."],
+             "b": ["Plan: the x after.\nQ1: 2 + 3 = 5.\nConclusion: x: 5.\nThe answer is 5.",
+                   "Plan: the x after.\nQ1: 1 + 1 = 2.\nThe answer is 3.", "It is 9"]}
+    problems = [Problem(id=f"w{i}", question="q", answer=a) for i, a in enumerate(("5", "2", "9"))]
+    m = readout_metrics(list(texts), _results(texts, problems), "wordmath", STYLE_READERS["wordmath"])
+    assert {k: v for k, v in m.items() if "style_" in k} == pytest.approx({
+        "eval/wordmath/a/style_plain": 1 / 3, "eval/wordmath/a/style_r1": 1 / 3, "eval/wordmath/a/style_plan": 0.0,
+        "eval/wordmath/b/style_plain": 0.0, "eval/wordmath/b/style_r1": 0.0, "eval/wordmath/b/style_plan": 2 / 3})
+    assert m["eval/wordmath/answer_agreement"] == pytest.approx(1 / 3)  # 5 = 5; 2 != 3; 9 vs no answer
 
 def test_eval_problem_rows_roundtrip_and_latest_file(tmp_path):
     results = _results({"a": ["The answer is 7.", "so it is 12"], "b": ["The answer is 8.", "The answer is 12."]})
@@ -242,3 +261,23 @@ def test_logging_config_checks_sample_fields():
     with pytest.raises(ValueError, match="logging.sample_prompt_chars must be >= 0"):
         LoggingConfig(sample_prompt_chars=-2)
     assert ExpertsConfig().answer_format == "hash"  # the synthetic experts these tests use write "#### X"
+
+
+def test_coverage_hand_worked():
+    """K=2 experts, G=2: 'K experts x G' looks at the first 2 samples of each expert, 'one expert x K·G' at all 4
+    of one expert."""
+    from megatron_meml.stages.coverage import coverage_from_rewards
+
+    e0 = [[0, 0, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]  # alone: q0, q2 -> 0.5; first two: q2
+    e1 = [[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1]]  # alone: q1, q3 -> 0.5; first two: q1
+    c = coverage_from_rewards([e0, e1], ["e0", "e1"], 2, resamples=200)
+    assert c.k_experts == 0.5 and c.one_expert == {"e0": 0.5, "e1": 0.5}  # {q1, q2} vs {q0, q2} / {q1, q3}
+    assert c.ratio_best.value == 1.0 and c.ratio_first.value == 1.0 and c.best == "e0"
+    assert c.ratio_best.low <= 1.0 <= c.ratio_best.high
+    assert c.metrics()["eval/coverage/one_expert/e1"] == 0.5
+    e1_strong = [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 1]]  # first two solve q0, q1, q2
+    c = coverage_from_rewards([e0, e1_strong], ["e0", "e1"], 2, resamples=200)
+    assert c.k_experts == 0.75 and c.one_expert["e1"] == 1.0 and c.ratio_best.value == 0.75
+    assert c.ratio_first.value == 1.5
+    with pytest.raises(ValueError, match="K x G = 4"):
+        coverage_from_rewards([[[0, 0, 0]]], ["e0", "e1"], 2)

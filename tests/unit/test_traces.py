@@ -13,11 +13,11 @@ import pytest
 from megatron_meml.cli import main as meml
 from megatron_meml.data.charset import char_tokenizer
 from megatron_meml.data.rows import DataError
-from megatron_meml.experts import ExpertSet, load_experts, load_teacher_traces, read_teacher_traces, vocab_texts
-from megatron_meml.experts_config import ExpertsConfig
+from megatron_meml.experts.config import ExpertsConfig
+from megatron_meml.experts.expert_set import ExpertSet, load_experts, load_teacher_traces, read_teacher_traces, vocab_texts
 from megatron_meml.rewards.config import RewardConfig
-from megatron_meml.traces import TracesConfig, TracesError, select_traces
-from megatron_meml.traces_store import ExpertTally, TraceStore
+from megatron_meml.stages.traces import TracesConfig, TracesError, select_traces
+from megatron_meml.stages.traces_store import ExpertTally, TraceStore
 from megatron_meml.types import Completion, Problem
 from tests.tiny_hf import make_tiny_hf
 
@@ -169,7 +169,7 @@ def test_store_refuses_a_directory_it_did_not_write(tmp_path):
 
 
 def test_sigterm_asks_for_a_stop_and_the_old_handler_comes_back():
-    from megatron_meml.traces import _StopFlag
+    from megatron_meml.stages.traces import _StopFlag
 
     before = signal.getsignal(signal.SIGTERM)
     with _StopFlag() as stop:

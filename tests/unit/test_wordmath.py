@@ -94,3 +94,54 @@ def test_bad_levels_and_exhaustion():
     # level 1 has 12 names x 10 things x 8 x 8 numbers = 7,680 distinct questions; ask for more than exist
     with pytest.raises(ValueError, match="level 1: could not draw a new distinct question"):
         generate_problems([1], [1.0], 7700, seed=0)
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_every_style_is_right_and_ends_on_the_answer(level):
+    """Each style's worked solution: every calculation in it is right, r1's check after each step is that step's
+    inverse, the last step's result is the answer, the expert set's answer line after it verifies, and the style is
+    recognisable."""
+    from megatron_meml.data.wordmath import STYLES, detect_style
+
+    eq = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+    ops = {**_OPS, "/": lambda a, b: a / b}
+    inverse = {"+": "-", "-": "+", "*": "/"}
+    rng = random.Random(100 + level)
+    for i in range(100):
+        p = make_problem(level, rng, f"p{i}")
+        assert set(p.meta["solutions"]) == set(STYLES) and p.meta["solutions"]["plain"] == p.solution
+        for style, text in p.meta["solutions"].items():
+            eqs = eq.findall(text)
+            assert all(ops[op](int(a), int(b)) == int(c) for a, op, b, c in eqs), text
+            steps = eqs
+            if style == "r1":
+                steps = []
+                for line in (x for x in text.splitlines() if x.startswith("Step ")):
+                    (a, op, b, c), (c2, op2, b2, a2) = eq.findall(line)
+                    assert (c2, op2, b2, a2) == (c, inverse[op], b, a), line
+                    steps.append((a, op, b, c))
+            assert len(steps) == STEPS[level] and steps[-1][3] == p.answer, (style, text)
+            assert detect_style(text) == style, text
+            gold = f"{text}\n{format_answer(p.answer, 'the_answer_is')}"
+            assert score_strict(p, gold, "the_answer_is").reward == 1.0
+
+
+def test_hand_worked_styles_level6():
+    class Fixed(random.Random):
+        def __init__(self):
+            super().__init__(0)
+            self.ints = [3, 4, 5]
+
+        def randint(self, a, b):  # noqa: ARG002
+            return self.ints.pop(0)
+
+        def choice(self, seq):
+            return seq[0]
+
+    sol = make_problem(6, Fixed(), "x").meta["solutions"]
+    assert sol["r1"] == ("We need the apples Mia has altogether.\n"
+                         "Step 1: 3 * 4 = 12 in the boxes. Check: 12 / 4 = 3.\n"
+                         "Step 2: 12 + 5 = 17 with the 5 loose ones. Check: 17 - 5 = 12.")
+    assert sol["plan"] == ("Plan: the apples in the boxes, then with the 5 loose ones.\n"
+                           "Q1: 3 * 4 = 12.\nQ2: 12 + 5 = 17.\n"
+                           "Conclusion: the apples Mia has altogether: 17.")

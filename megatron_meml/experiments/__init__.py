@@ -1,0 +1,1 @@
+"""Applications over the stages: the embedded defaults, ``meml demo``, ``meml compare`` and ``meml plan``."""

@@ -1,0 +1,259 @@
+"""`meml compare`: the paper's main and ablation table at toy scale, at equal rollout budget, over several seeds.
+
+Variants (each a `meml` subprocess, as a user would run it):
+  Expert0-SFT   MEF on the ground-truth expert only
+  MoE-SFT       MEF on all K experts (stage 1 of every RL variant below, one per seed)
+  MoE-SFT-GRPO  RL from MoE-SFT: K experts, standard GRPO (std-normalised advantages, clipped ratio), no MEML parts
+  MEML-GRPO     RL from MoE-SFT: the paper's objective + inter-expert mutual learning (as the recipe sets its levers,
+                docs/mutual_learning.md) + hard-example SFT
+  MEML-no-IML   MEML-GRPO without mutual learning
+  MEML-no-HSFT  MEML-GRPO without hard-example SFT
+  MEML-GRPO-paper  MEML-GRPO with the mutual-learning term exactly as the paper states it (sequence-summed, full
+                weight from step 1, every pair, no strong-expert protection), whatever the recipe sets
+  MEML-GRPO-async  MEML-GRPO with asynchronous rollouts one step off-policy (rollout.max_staleness=1)
+  DAPO-1exp     RL from MoE-SFT with DAPO (dynamic sampling, clip-higher, token-level loss, soft overlong
+                punishment) on expert0 alone: the standard remedy for zero-advantage groups, the baseline MEML must beat
+  DAPO-3exp     the same with the K experts as plain GRPO groups
+  MEML-GRPO-DS  MEML-GRPO with dynamic sampling
+                (the last three at the plain rows' rollout budget in completions: dynamic_variants)
+Extra RL variants come from ``--variant "NAME: key=value ..."`` (always run); ``--only`` runs a subset of the
+built-in rows (MoE-SFT always runs: it is every RL variant's start).
+Every RL variant sees the same problems, samples and steps (equal rollout budget). Every row is evaluated on the same
+held-out problems (the RL recipe's): greedy accuracy with the Expert0 prompt, with the expert best on those problems
+and, for RL rows, with the expert of highest training reward (``_final_eval``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from megatron_meml.config import load_config, recipe_files
+from megatron_meml.errors import ConfigError
+from megatron_meml.experiments.defaults import resolve, trace_overrides
+from megatron_meml.reporting.report import compare_stats, paired_differences, write_compare_table
+from megatron_meml.stages.paths import RunPaths
+
+PAPER_MUTUAL = ["algo.mutual_normalise=sequence", "algo.lambda_kl_warmup_steps=0",
+                "algo.mutual_min_student_logprob=null", "algo.mutual_teacher_nll=0.0"]
+"""The mutual-learning levers set to the paper's behaviour."""
+RL_VARIANTS = {
+    "MoE-SFT-GRPO": ["algo.mutual_learning=false", "hard_examples.enabled=false", "algo.advantage=grpo",
+                     "algo.policy_loss=clipped"],
+    "MEML-GRPO": [],
+    "MEML-no-IML": ["algo.mutual_learning=false"],
+    "MEML-no-HSFT": ["hard_examples.enabled=false"],
+    "MEML-GRPO-paper": PAPER_MUTUAL,
+    "MEML-GRPO-async": ["rollout.max_staleness=1"],
+}
+SFT_VARIANTS = {"Expert0-SFT": ["algo.num_experts=1"], "MoE-SFT": []}
+DAPO = ["algo.mutual_learning=false", "hard_examples.enabled=false", "algo.advantage=grpo", "algo.policy_loss=clipped",
+        "algo.clip_low=0.2", "algo.clip_high=0.28", "algo.aggregation=token_mean", "algo.dynamic_sampling=true",
+        "algo.dynamic_sampling_on_exhausted=train"]
+"""DAPO (arXiv 2503.14476): clip-higher, token-level loss, dynamic sampling, soft overlong punishment, no KL."""
+DYNAMIC_ROWS = ("DAPO-1exp", "DAPO-3exp", "MEML-GRPO-DS")
+
+
+def dynamic_variants(base) -> dict[str, list[str]]:
+    """The dynamic-sampling rows, at the plain rows' rollout budget (completions, not steps): train.rollout_budget
+    = steps x problems x K x G of the recipe, and enough steps for refills to spend it. DAPO-1exp trains one expert
+    (expert0) on K times the questions per batch, so a generation batch has the same completions; DAPO-3exp keeps
+    the K experts as plain GRPO groups; MEML-GRPO-DS is MEML-GRPO with dynamic sampling."""
+    tr, k, g = base.train, base.algo.num_experts, base.rollout.samples_per_expert
+    budget = tr.steps * tr.problems_per_step * k * g
+    equal = [f"train.rollout_budget={budget}", f"train.steps={tr.steps * base.algo.dynamic_sampling_max_gen_batches}"]
+    overlong = [f"reward.overlong_buffer={max(1, base.rollout.max_new_tokens // 5)}", "reward.overlong_penalty=1.0"]
+    return {"DAPO-1exp": [*DAPO, *overlong, *equal, "algo.num_experts=1",
+                          f"train.problems_per_step={tr.problems_per_step * k}"],
+            "DAPO-3exp": [*DAPO, *overlong, *equal],
+            "MEML-GRPO-DS": ["algo.dynamic_sampling=true", "algo.dynamic_sampling_on_exhausted=train", *equal]}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``"NAME: key=value key=value"`` -> (NAME, overrides)."""
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep or not name or " " in name or name in SFT_VARIANTS:
+        raise ValueError(f"--variant '{text}': expected 'NAME: key=value ...' with a new one-word NAME")
+    overrides = rest.split()
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"--variant '{name}': '{bad[0]}' is not a key=value override")
+    return name, overrides
+
+
+def recipe_stamp(mef: Path, riel: Path) -> dict[str, str]:
+    """What reuse of a finished run is checked against: ``recipes``, the sha256 of the recipe pair's two files, and
+    ``bases``, of the other files their ``base:`` chains name (so an edited base recipe reruns every row)."""
+    own = {mef.resolve(), riel.resolve()}
+    h = hashlib.sha256()
+    for path in sorted({p.resolve() for r in (mef, riel) for p in recipe_files(r)} - own):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {"recipes": hashlib.sha256(mef.read_bytes() + riel.read_bytes()).hexdigest(), "bases": h.hexdigest()}
+
+
+def _same_recipes(old: dict, stamp: dict[str, str]) -> bool:
+    """``old`` (a stamp written by an earlier compare) was made on the same recipe files as ``stamp``. Stamps from
+    before the base chain was recorded have no ``bases`` and are judged on the two files alone."""
+    return old.get("recipes") == stamp["recipes"] and old.get("bases", stamp["bases"]) == stamp["bases"]
+
+
+def _portable(argv: list[str]) -> list[str]:
+    """A run's command with its recipe (argv[1]) named by file name, not path: a compare from another checkout of
+    the same recipe files (their contents are in the stamp) reuses the runs."""
+    return [argv[0], Path(argv[1]).name, *argv[2:]] if len(argv) > 1 else list(argv)
+
+
+def _meml(argv: list[str], log: Path, stamp: dict[str, str]) -> None:
+    """Run one ``meml`` subprocess; skipped when an earlier compare finished the same command on the same recipe
+    files (argv and ``stamp``, from recipe_stamp, are kept next to the log), so an interrupted or extended compare
+    reuses what it already has."""
+    done = log.with_suffix(".done.json")
+    if done.exists():
+        old = json.loads(done.read_text())
+        if _portable(old.get("argv", [])) == _portable(argv) and _same_recipes(old, stamp):
+            return
+    with open(log, "w") as f:
+        rc = subprocess.call([sys.executable, "-m", "megatron_meml.cli", *argv], stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"meml {' '.join(argv[:2])} failed (exit {rc}); see {log}")
+    done.write_text(json.dumps({"argv": argv, **stamp}))
+
+
+ROWS_STAMP = "compare_rows.stamp.json"
+"""Next to compare_rows.json: the recipe_stamp its rows were run on."""
+
+
+def _with_earlier_rows(root: Path, stamp: dict[str, str], rows: list[dict]) -> list[dict]:
+    """The rows of earlier compares in ``root`` on the same recipe files (their finished runs), with this
+    compare's rows in place of the same (variant, seed) and after them: so ``--seeds 1`` today and ``--seeds 2,3``
+    tomorrow give one table over three seeds. Rows of other recipe files are left out."""
+    old = root / "compare_rows.json"
+    prev = root / ROWS_STAMP
+    if not (old.is_file() and prev.is_file() and _same_recipes(json.loads(prev.read_text()), stamp)):
+        return rows
+    new = {(r["variant"], r["seed"]): r for r in rows}
+    earlier = [new.pop((r["variant"], r["seed"]), r) for r in json.loads(old.read_text())]
+    return earlier + list(new.values())
+
+
+def _drop_checkpoints(run_dir: Path, keep: bool) -> None:
+    """A finished run's resumable checkpoints (model and optimizer state: 3.6 GB per real-model run) once its final
+    model and metrics are written, which are all the table, the RL starts and a reuse read; ``keep``: leave them."""
+    paths = RunPaths(run_dir)
+    ckpt = paths.checkpoints
+    if not keep and paths.final_model.is_dir() and ckpt.is_dir():
+        shutil.rmtree(ckpt)
+
+
+REWARD_WINDOW = 10
+"""acc_reward_best picks the expert with the highest mean sampled reward over the last this many RIEL steps."""
+
+
+def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
+    """acc_expert0; acc_best_expert (the expert best on the held-out problems themselves: optimistic); for RL runs
+    acc_reward_best (the expert with the highest training reward over the last REWARD_WINDOW steps, chosen without
+    looking at the held-out problems); acc_<id> for each other expert (how the weak experts move)."""
+    rows = [json.loads(x) for x in RunPaths(run_dir).metrics.read_text().splitlines() if x.strip()]
+    evals = [r for r in rows if r["stage"] == "eval"]
+    if not evals:
+        raise RuntimeError(f"{run_dir}: no evaluation was logged")
+    last = evals[-1]
+    acc = {k.split("/")[2]: v for k, v in last.items() if k.startswith("eval/") and k.endswith("/accuracy")}
+    out = {"acc_expert0": acc[expert0], "acc_best_expert": acc["best_expert"]}
+    recent = [r for r in rows if r["stage"] == "train"][-REWARD_WINDOW:]
+    reward = {e: sum(r.get(f"expert/{e}/reward_mean", 0.0) for r in recent) for e in acc if e != "best_expert"}
+    if recent and any(f"expert/{e}/reward_mean" in r for r in recent for e in reward):
+        out["acc_reward_best"] = acc[max(reward, key=lambda e: (reward[e], e == expert0))]
+    out.update({f"acc_{e}": v for e, v in acc.items() if e not in (expert0, "best_expert")})
+    return out
+
+
+def _traces(mef: Path, overrides: list[str], root: Path, recipes: dict[str, str]) -> list[str]:
+    """Teacher traces for the MEF experts without gold solutions, drawn once for every seed (they are data, as the
+    paper's offline teacher traces are); returns the MEF overrides that name the trace files."""
+    out = root / "traces"
+    _meml(["traces", str(mef), *overrides, f"output_dir={root}", "run_name=traces", f"traces.out_dir={out}",
+           "logging.progress=off"], root / "traces.log", recipes)
+    return trace_overrides(out)
+
+
+def _select_variants(riel: Path, base, overrides: list[str], variants: list[str], only: Optional[list[str]]):
+    """(SFT rows, RL rows) to run, each name -> overrides; every --variant's overrides (and the dynamic-sampling
+    rows') are checked against the recipe here, so a bad key fails before an hour of runs. ``base``: the RIEL
+    recipe with ``overrides``, loaded."""
+    builtin = RL_VARIANTS | dynamic_variants(base)
+    extra_rl = dict(parse_variant(text) for text in variants)
+    for name in [*extra_rl, *DYNAMIC_ROWS]:
+        load_config(riel, [*overrides, *(extra_rl.get(name) or builtin[name])])
+    if only:
+        unknown = sorted(set(only) - set(builtin) - set(SFT_VARIANTS) - set(extra_rl))
+        if unknown:
+            known = sorted(set(builtin) | set(SFT_VARIANTS))
+            raise ValueError(f"--only: unknown variant(s) {unknown}; known: {known} and the --variant names")
+    sft = {k: v for k, v in SFT_VARIANTS.items() if not only or k in only or k == "MoE-SFT"}
+    return sft, {k: v for k, v in builtin.items() if not only or k in only} | extra_rl
+
+
+def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str], *,
+                variants: Optional[list[str]] = None, only: Optional[list[str]] = None, default: str = "toy",
+                keep_checkpoints: bool = False) -> int:
+    try:
+        d, mef, riel = resolve(default, recipe_dir)
+        base = load_config(riel, overrides)
+        sft_runs, rl = _select_variants(riel, base, overrides, variants or [], only)
+    except (ConfigError, ValueError) as e:
+        print(f"meml compare: {e}", file=sys.stderr)
+        return 2
+    recipes = recipe_stamp(mef, riel)
+    root = Path(out or Path(base.output_dir) / "compare")
+    root.mkdir(parents=True, exist_ok=True)
+    expert0 = base.experts.ids[0]
+    rows = []
+    t0 = time.perf_counter()
+    # traces are data drawn once for one set of train problems: such defaults fix the problems over the seeds
+    teacher = d.traces == "teacher"
+    pinned = [f"data.seed={base.seed if base.data.seed is None else base.data.seed}"] if teacher else []
+    traces = _traces(mef, [*overrides, *pinned], root, recipes) if teacher else []
+    for seed in seeds:
+        common = [*overrides, *pinned, f"seed={seed}", f"output_dir={root}", "logging.progress=off"]
+        for variant, extra in sft_runs.items():
+            name = f"{variant}-s{seed}"
+            _meml(["sft", str(mef), *common, f"run_name={name}", "eval.max_problems=0", *traces, *extra],
+                  root / f"{name}.log", recipes)
+            _drop_checkpoints(root / name, keep_checkpoints)
+            # evaluated on the RL recipe's held-out problems, like the RL variants (same problems for every row)
+            _meml(["eval", str(riel), *common, f"run_name={name}-eval", *extra, "--checkpoint",
+                   str(RunPaths(root / name).final_model)], root / f"{name}-eval.log", recipes)
+            rows.append({"variant": variant, "seed": seed, **_final_eval(root / f"{name}-eval", expert0)})
+            print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        moe = RunPaths(root / f"MoE-SFT-s{seed}").final_model
+        for variant, extra in rl.items():
+            name = f"{variant}-s{seed}"
+            _meml(["train", str(riel), *common, f"run_name={name}", f"model.megatron_path={moe}", *extra],
+                  root / f"{name}.log", recipes)
+            _drop_checkpoints(root / name, keep_checkpoints)
+            rows.append({"variant": variant, "seed": seed, **_final_eval(root / name, expert0)})
+            print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = _with_earlier_rows(root, recipes, rows)
+    (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
+    (root / ROWS_STAMP).write_text(json.dumps(recipes))
+    write_compare_table(rows, root)
+    stats = compare_stats(rows)
+    print(f"[compare] {len({r['seed'] for r in rows})} seeds, {time.perf_counter() - t0:.0f} s; held-out greedy "
+          "accuracy (mean ± std):")
+    for variant, per in stats.items():
+        cells = "  ".join(f"{m} {mu:.3f} ± {sd:.3f}" for m, (mu, sd, _) in per.items())
+        print(f"  {variant:14s} {cells}")
+    paired = paired_differences(rows, "MoE-SFT-GRPO", "acc_expert0")
+    if paired:
+        print("[compare] Expert0-prompt accuracy minus MoE-SFT-GRPO's on the same seed (mean ± std):")
+        for variant, (mu, sd, n) in paired.items():
+            print(f"  {variant:14s} {mu:+.3f} ± {sd:.3f} ({n} seeds)")
+    print(f"[compare] table: {root / 'compare.md'}, plot: {root / 'compare.png'}")
+    return 0
