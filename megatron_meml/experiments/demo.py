@@ -172,7 +172,7 @@ def _mmss(seconds: float) -> str:
 
 def _left(stages: list[Stage], done: int) -> str:
     """Estimated time left: the remaining stages' reference times scaled by how this machine compared so far."""
-    ran = stages[:done]
+    ran = [s for s in stages[:done] if s.expected_s >= 30]  # a stage of a few seconds says nothing of the machine
     ref = sum(s.expected_s for s in ran)
     scale = sum(s.seconds for s in ran) / ref if ref > 0 else 1.0
     left = sum(s.expected_s for s in stages[done:]) * scale

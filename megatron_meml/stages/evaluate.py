@@ -4,6 +4,7 @@ for math, the last-number accuracy (the completion's last number against the gol
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -86,6 +87,7 @@ def evaluate(ctx: RunContext, step: int) -> dict[str, float]:
     experts, fmt = ctx.experts, cfg.experts.answer_format
     budget = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     n, k = len(shard), cfg.eval.pass_k
+    t0 = time.perf_counter()
     # every expert's prompts in one generation: the engine batches them together
     prompts = [experts.prompt_ids(e, p) for e in range(len(experts)) for p in shard]
     outs = ctx.rollout.generate(prompts, SamplingSpec(n=1, temperature=0.0, max_tokens=budget))
@@ -101,12 +103,15 @@ def evaluate(ctx: RunContext, step: int) -> dict[str, float]:
     greedy = [[r.score.reward for r in mine] for mine in results]
     metrics = accuracy_metrics(shard, experts.ids, greedy, sampled, bench)
     styles = STYLE_READERS.get(bench)
-    metrics = reduce_across_ranks(metrics | readout_metrics(experts.ids, results, bench, styles))
+    metrics = metrics | readout_metrics(experts.ids, results, bench, styles)
+    metrics["timing/eval"] = time.perf_counter() - t0
+    metrics = reduce_across_ranks(metrics)
     ctx.logger.log(step, metrics, stage="eval")
     record_eval(ctx, step, bench, shard, results)
     if ctx.is_writer:
         cols = [f"{eid}={metrics[f'eval/{bench}/{eid}/accuracy']:.3f}" for eid in experts.ids]
-        print(f"[eval] step {step} {bench} greedy accuracy: " + " ".join(cols), flush=True)
+        print(f"[eval] step {step} {bench} greedy accuracy on {metrics['eval/num_problems']:.0f} problems: "
+              + " ".join(cols) + f" ({metrics['timing/eval']:.0f} s)", flush=True)
     return metrics
 
 
