@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+import megatron_meml
 from megatron_meml.algo.advantages import compute_advantages
 from megatron_meml.algo.config import AlgoConfig
+from megatron_meml.config import load_config
+from megatron_meml.experiments.compare import RL_VARIANTS
 from megatron_meml.stages.batching import Row, grpo_rows, policy_norm_shares, to_train_batch
 from megatron_meml.training.forward_step import (GRPO, SFT, STUDENT, TEACHER, MicroBatch, meml_loss,
                                                  policy_normaliser, step_normalisers)
 from megatron_meml.training.packing import split_batch
 from megatron_meml.types import Completion, ExpertGroup, Problem
 
+RECIPES = Path(megatron_meml.__file__).parent / "recipes"
 C = math.log(2.0)
 C16 = math.log(16.0)
 
@@ -96,6 +101,17 @@ def test_aux_normaliser_hand_worked(aggregation, mutual, sft, aux, extra, norms,
     assert (norm.pg, norm.pairs, norm.sft) == norms
     assert loss == approx(loss_c * C)
     assert m["train/loss"] == approx(loss_c * C)
+
+
+def test_policy_token_mean_and_sequence_sum_differ_by_the_mean_length():
+    """Under policy, token_mean and seq_mean_token_sum share the numerator (every term's token sums) and differ by
+    the normaliser only: 0.9c x 10 tokens = 2.25c x 4 rows = 9c, the step's sum (docs/method.md)."""
+    mb = _micro(KINDS, MASKS, ADV, teacher_seq=TEACHER_SEQ)
+    tok = AlgoConfig(aux_normaliser="policy", pg_normaliser="all", lambda_kl=0.5, lambda_sft=0.25)
+    seq = dataclasses.replace(tok, aggregation="seq_mean_token_sum", sft_aggregation="seq_mean_token_sum")
+    a, na, _ = _step_loss([mb], [_logits(LEVELS, 5)], tok, pg_extra=5.0)
+    b, nb, _ = _step_loss([mb], [_logits(LEVELS, 5)], seq, pg_extra=2.0)
+    assert a * na.pg == approx(b * nb.pg) and a * na.pg == approx(9 * C)
 
 
 def test_aux_terms_metrics_are_their_share_of_the_loss():
@@ -222,3 +238,13 @@ def test_step_without_kept_groups_divides_by_the_generated_responses():
     assert shares == (0.0, 20.0) and norm.sft == 20.0 and norm.pg == 1.0
     assert loss == approx(3 * C16 / 20)
 
+
+@pytest.mark.parametrize("recipe", [None, *sorted(p.name for p in RECIPES.glob("*.yaml") if not p.stem.endswith("-mef"))])
+def test_paper_norm_variant_loads_over_every_rl_recipe(recipe):
+    """``meml compare``'s MEML-GRPO-paper-norm row: valid over every shipped RL recipe (whatever its aggregation
+    and mutual levers), and exactly the paper's normalisation."""
+    cfg = load_config(RECIPES / recipe if recipe else None, RL_VARIANTS["MEML-GRPO-paper-norm"]).algo
+    assert (cfg.policy_loss, cfg.advantage, cfg.pg_normaliser, cfg.aux_normaliser) == ("paper_pg", "paper", "all",
+                                                                                       "policy")
+    assert (cfg.aggregation, cfg.mutual_normalise, cfg.sft_aggregation) == ("token_mean", "sequence", "token_mean")
+    assert cfg.lambda_kl_warmup_steps == 0 and cfg.mutual_min_student_logprob is None and cfg.mutual_teacher_nll == 0
