@@ -106,9 +106,13 @@ class TrainBatch:
     """[B, T] int64 positions (None: 0..T-1)."""
     pg_norm_extra: float = 0.0
     """This rank's share of the policy loss's normaliser from GRPO rows left out of the batch because their loss
-    and gradient are exactly 0 (advantage 0 under the clipped loss without reference KL): their scored tokens
-    (token_mean) or their count (per-sequence aggregations). Metrics other than the loss average over the rows
-    present."""
+    and gradient are exactly 0 (advantage 0 under the clipped loss without reference KL; advantage <= 0 under
+    paper_pg with algo.pg_normaliser=all): their scored tokens (token_mean) or their count (per-sequence
+    aggregations). Metrics other than the loss average over the rows present."""
+    pg_norm_fallback: float = 0.0
+    """This rank's share of every response generated in the step (tokens or count, like ``pg_norm_extra``): what
+    the auxiliary terms divide by under algo.aux_normaliser=policy when the step has no GRPO row at all (e.g.
+    dynamic sampling kept no question)."""
 
     @property
     def num_rows(self) -> int:

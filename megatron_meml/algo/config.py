@@ -10,6 +10,13 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 MUTUAL_KINDS = ("sequence", "token")
 MUTUAL_NORMALISE = ("sequence", "token")
 KL_TYPES = ("k1", "k3")
+PG_NORMALISERS = ("scored", "all")
+AUX_NORMALISERS = ("own", "policy")
+POLICY_UNITS = {"token_mean": ("sequence", "token_mean"),
+                "seq_mean_token_mean": ("token", "seq_mean_token_mean"),
+                "seq_mean_token_sum": ("sequence", "seq_mean_token_sum")}
+"""aux_normaliser=policy: for each policy aggregation, the (mutual_normalise, sft_aggregation) whose per-row sums
+are in the policy term's unit (a token sum, or one row's token mean), so that one count divides them all."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +33,12 @@ class AlgoConfig:
     """paper_pg (-logp * max(A, 0)) or clipped (PPO-style ratio clipping)."""
     aggregation: str = "token_mean"
     """Loss aggregation: token_mean, seq_mean_token_mean, seq_mean_token_sum."""
+    pg_normaliser: str = "scored"
+    """paper_pg: what the policy term divides by. scored: the rows it trains (A > 0) only, so a step with few
+    right answers weighs each as much as a step with many. all: every sampled response (the paper's
+    -E[log pi * max(A, 0)] averages over every sample): rows with A <= 0 stay out of the batch (their loss is 0) but
+    their tokens (token_mean) or their count (seq_* aggregations) join the normaliser. The clipped loss trains every
+    row (rows at A = 0 left out keep their share), so both values count every row there."""
     clip_low: float = 0.2
     """Clipped loss: lower ratio clip epsilon."""
     clip_high: float = 0.2
@@ -54,6 +67,18 @@ class AlgoConfig:
     sft_aggregation: str = "token_mean"
     """SFT/MEF NLL normalisation: token_mean, seq_mean_token_mean (each sequence weighs the same, so short styles
     are not starved by long ones) or seq_mean_token_sum (the paper's sum of log-probs per sequence)."""
+    aux_normaliser: str = "own"
+    """What the RIEL step's auxiliary terms (mutual learning with its teacher NLL, hard-example SFT) divide by.
+    own: each its own count (pairs; SFT tokens or sequences), so the term weighs lambda times the whole policy term
+    however few rows it has. policy: the policy term's normaliser (every GRPO row's tokens or rows, with those left
+    out of the batch), so the step is one sum over every scored row divided by one count,
+    L = [sum_pg + lambda1 sum_mutual + lambda2 sum_sft] / N_pg, and a transferred or hard-example row weighs lambda
+    times a sampled one. Each auxiliary row then adds what a policy row adds under algo.aggregation: under
+    token_mean and seq_mean_token_sum its token sum (needs mutual_normalise=sequence and sft_aggregation equal to
+    aggregation), under seq_mean_token_mean its token mean (mutual_normalise=token, sft_aggregation
+    seq_mean_token_mean); the teacher NLL follows algo.aggregation. Under paper_pg it needs pg_normaliser=all. A
+    step without any GRPO row divides by the tokens (rows) of every response generated in the step, and by each
+    term's own count if there are none either. The MEF stage (SFT alone) always uses own."""
     mutual_min_gap: float = 0.0
     """Mutual learning pairs only experts whose mean rewards differ by more than this."""
     mutual_normalise: str = "sequence"
@@ -83,6 +108,7 @@ class AlgoConfig:
         checks = (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("aggregation", AGGREGATIONS),
                   ("sft_aggregation", AGGREGATIONS),
                   ("mutual_kind", MUTUAL_KINDS), ("mutual_normalise", MUTUAL_NORMALISE), ("kl_type", KL_TYPES),
+                  ("pg_normaliser", PG_NORMALISERS), ("aux_normaliser", AUX_NORMALISERS),
                   ("dynamic_sampling_on_exhausted", ("train", "error")))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
@@ -105,3 +131,21 @@ class AlgoConfig:
                              f"{self.mutual_min_student_logprob}")
         if self.clip_low < 0 or self.clip_high < 0:
             raise ValueError("algo.clip_low and algo.clip_high must be >= 0")
+        if self.aux_normaliser == "policy":
+            self._check_policy_normaliser()
+
+    def _check_policy_normaliser(self) -> None:
+        """aux_normaliser=policy: one count must make sense for every term (the field docstring)."""
+        if self.policy_loss == "paper_pg" and self.pg_normaliser != "all":
+            raise ValueError("algo.aux_normaliser=policy with algo.policy_loss=paper_pg needs algo.pg_normaliser=all: "
+                             "with 'scored' the count covers only the rows with A > 0, and is 0 when no answer of "
+                             "the step is right (the auxiliary terms would then divide by nothing)")
+        mutual, sft = POLICY_UNITS[self.aggregation]
+        if self.mutual_learning and self.mutual_normalise != mutual:
+            raise ValueError(f"algo.aux_normaliser=policy with algo.aggregation={self.aggregation} needs "
+                             f"algo.mutual_normalise={mutual} (got '{self.mutual_normalise}'): each pair must add "
+                             "what one policy row adds to the sum that the policy normaliser divides")
+        if self.sft_aggregation != sft:
+            raise ValueError(f"algo.aux_normaliser=policy with algo.aggregation={self.aggregation} needs "
+                             f"algo.sft_aggregation={sft} (got '{self.sft_aggregation}'): each SFT row must add "
+                             "what one policy row adds to the sum that the policy normaliser divides")

@@ -250,11 +250,13 @@ def mutual_pair_weights(student_logprobs: torch.Tensor, student_mask: torch.Tens
 
 
 def mutual_teacher_nll_loss(teacher_logprobs: torch.Tensor, teacher_mask: torch.Tensor,
-                            normaliser: Normaliser) -> tuple[torch.Tensor, Metrics]:
-    """Strong-expert protection: -log pi(O+ | Q, P+) as a per-token mean per pair, summed over the P+ rows [P, T]
-    and divided by the normaliser (global pair count). Metrics: train/mutual_teacher_nll."""
+                            normaliser: Normaliser, *,
+                            aggregation: str = "seq_mean_token_mean") -> tuple[torch.Tensor, Metrics]:
+    """Strong-expert protection: -log pi(O+ | Q, P+) as a per-token mean per pair (``aggregation``
+    seq_mean_token_mean; token_mean and seq_mean_token_sum: the token sum), summed over the P+ rows [P, T] and
+    divided by the normaliser (global pair count, or the policy count). Metrics: train/mutual_teacher_nll."""
     _check_same_shape(teacher_mask, teacher_logprobs=teacher_logprobs)
-    loss = aggregate(-teacher_logprobs, teacher_mask, normaliser, "seq_mean_token_mean")
+    loss = aggregate(-teacher_logprobs, teacher_mask, normaliser, aggregation)
     return loss, _detach(mutual_teacher_nll=loss)
 
 

@@ -50,6 +50,11 @@ RL_VARIANTS = {
     "MEML-no-HSFT": ["hard_examples.enabled=false"],
     "MEML-GRPO-paper": PAPER_MUTUAL,
     "MEML-GRPO-async": ["rollout.max_staleness=1"],
+    # The paper's formulas as one objective (docs/method.md, "Total loss"): the policy term over every sample, each
+    # transferred or hard-example token weighing lambda times a sampled one, the mutual levers as the paper states.
+    "MEML-GRPO-paper-norm": [*PAPER_MUTUAL, "algo.advantage=paper", "algo.policy_loss=paper_pg",
+                             "algo.aggregation=token_mean", "algo.pg_normaliser=all", "algo.aux_normaliser=policy",
+                             "algo.sft_aggregation=token_mean"],
 }
 SFT_VARIANTS = {"Expert0-SFT": ["algo.num_experts=1"], "MoE-SFT": []}
 DAPO = ["algo.mutual_learning=false", "hard_examples.enabled=false", "algo.advantage=grpo", "algo.policy_loss=clipped",

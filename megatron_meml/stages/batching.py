@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_meml.algo.config import AlgoConfig
 from megatron_meml.algo.mutual import MutualPair
 from megatron_meml.experts.expert_set import ExpertSet, SFTExample
 from megatron_meml.training.forward_step import GRPO, SFT, STUDENT, TEACHER
@@ -40,32 +41,53 @@ def completion_row(c: Completion, *, kind: int = GRPO, advantage: float = 0.0, p
     return Row(tokens=tokens, loss_mask=mask, kind=kind, advantage=advantage, rollout_logprobs=lps, pair=pair)
 
 
+def left_out(advantage: float, *, positive_only: bool, skip_zero: bool) -> bool:
+    """Whether ``grpo_rows`` leaves a response with this advantage out of the batch (its loss is exactly 0)."""
+    return (positive_only and advantage <= 0) or (skip_zero and advantage == 0.0)
+
+
 def grpo_rows(groups: Sequence[ExpertGroup], advantages: torch.Tensor, *, positive_only: bool,
               skip_zero: bool = False) -> list[Row]:
     """One row per sampled response; with positive_only (the paper's loss) rows with A <= 0 are left out, since
-    they contribute exactly zero; with skip_zero rows whose A is exactly 0 are left out (their share of the loss's
-    normaliser is ``zero_advantage_share``)."""
+    they contribute exactly zero; with skip_zero rows whose A is exactly 0 are left out (``left_out_share``: what
+    they keep of the loss's normaliser)."""
     rows = []
     for g, adv in zip(groups, advantages.tolist()):
         for c, a in zip(g.completions, adv):
-            if (positive_only and a <= 0) or (skip_zero and a == 0.0):
-                continue
-            if c.token_ids:
+            if c.token_ids and not left_out(a, positive_only=positive_only, skip_zero=skip_zero):
                 rows.append(completion_row(c, advantage=float(a)))
     return rows
 
 
-def zero_advantage_share(groups: Sequence[ExpertGroup], advantages: torch.Tensor, aggregation: str) -> float:
-    """What the GRPO rows with A exactly 0 add to the policy loss's normaliser: their scored tokens (token_mean)
-    or their count (the per-sequence aggregations). With the clipped loss and no reference KL such a row's loss
-    and gradient are exactly 0, so leaving it out of the batch while keeping this share in the normaliser
-    (``TrainBatch.pg_norm_extra``) gives the same step for less compute."""
-    share = 0.0
-    for g, adv in zip(groups, advantages.tolist()):
-        for c, a in zip(g.completions, adv):
-            if a == 0.0 and c.token_ids:
-                share += float(len(c.token_ids)) if aggregation == "token_mean" else 1.0
-    return share
+def response_share(completions: Sequence[Completion], aggregation: str) -> float:
+    """What these responses count in a policy normaliser: their scored tokens (token_mean) or, for the
+    per-sequence aggregations, how many are non-empty (an empty response has no row)."""
+    return sum(float(len(c.token_ids)) if aggregation == "token_mean" else 1.0 for c in completions if c.token_ids)
+
+
+def left_out_share(groups: Sequence[ExpertGroup], advantages: torch.Tensor, aggregation: str, *,
+                   positive_only: bool, skip_zero: bool) -> float:
+    """What the GRPO rows that ``grpo_rows`` leaves out (same flags) add to the policy loss's normaliser. Such a
+    row's loss and gradient are exactly 0, so leaving it out of the batch while keeping this share in the
+    normaliser (``TrainBatch.pg_norm_extra``) gives the same step as training it, for less compute."""
+    out = [c for g, adv in zip(groups, advantages.tolist()) for c, a in zip(g.completions, adv)
+           if left_out(a, positive_only=positive_only, skip_zero=skip_zero)]
+    return response_share(out, aggregation)
+
+
+def policy_norm_shares(groups: Sequence[ExpertGroup], generated: Sequence[ExpertGroup], advantages: torch.Tensor,
+                       algo: AlgoConfig, *, skip_zero: bool) -> tuple[float, float]:
+    """This rank's (``TrainBatch.pg_norm_extra``, ``TrainBatch.pg_norm_fallback``) for GRPO rows built from
+    ``groups`` (``advantages`` [groups, G]) by ``grpo_rows(positive_only=paper_pg, skip_zero=skip_zero)``: the
+    left-out rows' share when they keep it (skip_zero; paper_pg with algo.pg_normaliser=all), and under
+    algo.aux_normaliser=policy every ``generated`` response's share (the groups dynamic sampling dropped included)."""
+    paper = algo.policy_loss == "paper_pg"
+    keep = skip_zero or (paper and algo.pg_normaliser == "all")
+    extra = left_out_share(groups, advantages, algo.aggregation, positive_only=paper, skip_zero=skip_zero) \
+        if keep else 0.0
+    fallback = (response_share([c for g in generated for c in g.completions], algo.aggregation)
+                if algo.aux_normaliser == "policy" else 0.0)
+    return extra, fallback
 
 
 def pair_rows(pairs: Sequence[MutualPair], experts: ExpertSet, *, weight: float = 1.0) -> list[Row]:
@@ -90,10 +112,9 @@ def sft_rows(examples: Sequence[SFTExample]) -> list[Row]:
 
 
 def to_train_batch(rows: Sequence[Row], pad_id: int, *, max_len: Optional[int] = None,
-                   pg_norm_extra: float = 0.0) -> TrainBatch:
+                   pg_norm_extra: float = 0.0, pg_norm_fallback: float = 0.0) -> TrainBatch:
     """Right-padded [B, T] TrainBatch, rows shortest first; an empty list gives one all-masked padding row (ranks
-    must still step). ``pg_norm_extra``: the policy-loss normaliser's share of GRPO rows left out
-    (``zero_advantage_share``)."""
+    must still step). ``pg_norm_extra``, ``pg_norm_fallback``: ``policy_norm_shares``."""
     # Rows sorted by length (stable): micro-batches then hold similar lengths and are trimmed to them. The loss is a
     # sum over rows with global normalisers, so the order does not change the step's objective.
     rows = sorted(rows, key=lambda r: len(r.tokens)) or [Row(tokens=[pad_id, pad_id], loss_mask=[0.0, 0.0],
@@ -116,4 +137,5 @@ def to_train_batch(rows: Sequence[Row], pad_id: int, *, max_len: Optional[int] =
     return TrainBatch(tokens=tokens, loss_mask=mask, row_kind=torch.tensor([r.kind for r in rows]),
                       advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
                       rollout_logprobs=rollout if has_rollout else None,
-                      pair_id=torch.tensor([r.pair for r in rows]), pg_norm_extra=float(pg_norm_extra))
+                      pair_id=torch.tensor([r.pair for r in rows]), pg_norm_extra=float(pg_norm_extra),
+                      pg_norm_fallback=float(pg_norm_fallback))

@@ -23,8 +23,8 @@ from megatron_meml.rewards.shaping import overlong_penalty
 from megatron_meml.rollout.ahead import AheadBatch, RolloutsAhead
 from megatron_meml.rollout.backend import SamplingSpec
 from megatron_meml.seeding import stable_seed
-from megatron_meml.stages.batching import (grpo_rows, mutual_weight, pair_rows, sft_rows, to_train_batch,
-                                           zero_advantage_share)
+from megatron_meml.stages.batching import (grpo_rows, mutual_weight, pair_rows, policy_norm_shares, sft_rows,
+                                           to_train_batch)
 from megatron_meml.stages.context import RunContext, close_run, setup_run
 from megatron_meml.stages.evaluate import evaluate
 from megatron_meml.stages.loop import resume_point, run_steps
@@ -81,10 +81,11 @@ def riel_step(ctx: RunContext, rs: RielState, step: int) -> dict[str, float]:
         qidx = torch.tensor([i // len(experts) for i in range(len(groups))])
         adv = compute_advantages(rewards_t, algo, question_index=qidx) if groups else rewards_t
         # Under the clipped loss without reference KL a row at advantage exactly 0 has loss and gradient 0: it
-        # stays out of the batch and only its share of the normaliser is kept (the same step, less compute).
+        # stays out of the batch and only its share of the normaliser is kept (the same step, less compute); so do
+        # the rows at A <= 0 under paper_pg with pg_normaliser=all.
         skip_zero = algo.skip_zero_advantage and algo.policy_loss == "clipped" and algo.kl_coef == 0
         rows = grpo_rows(groups, adv, positive_only=algo.policy_loss == "paper_pg", skip_zero=skip_zero)
-        pg_extra = zero_advantage_share(groups, adv, algo.aggregation) if skip_zero else 0.0
+        pg_extra, pg_fallback = policy_norm_shares(groups, every, adv, algo, skip_zero=skip_zero)
     with timers("mutual"):
         pairs, weight = [], mutual_weight(step, algo.lambda_kl_warmup_steps)
         if algo.mutual_learning and len(experts) > 1:
@@ -100,7 +101,8 @@ def riel_step(ctx: RunContext, rs: RielState, step: int) -> dict[str, float]:
             store.commit()
             hard_metrics.update(store.metrics())
     with timers("train"):
-        batch = to_train_batch(rows, ctx.pad_id, max_len=ctx.arch.max_position_embeddings, pg_norm_extra=pg_extra)
+        batch = to_train_batch(rows, ctx.pad_id, max_len=ctx.arch.max_position_embeddings, pg_norm_extra=pg_extra,
+                               pg_norm_fallback=pg_fallback)
         train_metrics = ctx.trainer.train_step(batch)
     metrics = staleness_metrics(every, ctx.rollout.version, train_metrics, collect_ahead(ctx, rs.ahead),
                                 asynchronous=rs.ahead is not None)

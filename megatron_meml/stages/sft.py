@@ -17,10 +17,10 @@ from megatron_meml.training.checkpoint import (load_checkpoint, rng_state, save_
 
 
 def run_sft(cfg: MemlConfig) -> Path:
-    """Collective. Trains train.sft_steps steps at train.sft_lr (each SFT row at weight 1, whatever the recipe's
-    algo.lambda_sft, which weighs RIEL's hard-example rows); returns the model directory. Evaluates the result
-    when eval.max_problems > 0."""
-    cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, lambda_sft=1.0))
+    """Collective. Trains train.sft_steps steps at train.sft_lr (each SFT row at weight 1 over the SFT rows' own
+    count, whatever the recipe's algo.lambda_sft and algo.aux_normaliser, which weigh RIEL's hard-example rows);
+    returns the model directory. Evaluates the result when eval.max_problems > 0."""
+    cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, lambda_sft=1.0, aux_normaliser="own"))
     resume = resume_point(cfg)
     ctx = setup_run(cfg, "sft", resume_step=resume.step if resume.path else None)
     examples, _ = ctx.experts.mef_examples(ctx.train_problems)

@@ -44,7 +44,8 @@ class TrainConfig:
     Megatron does by default; for A/B benches and parity checks."""
     log_term_grad_norms: bool = False
     """Diagnostic: each RIEL step also logs train/grad_norm_{pg,mutual,sft}, the norm of each loss term's own
-    gradient before clipping, to see which term steers the update; costs one more forward/backward per term."""
+    gradient before clipping (its rows over the step's normalisers: its share of the update), to see which term
+    steers the update; costs one more forward/backward per term."""
     sft_batch_size: int = 32
     """Sequences per MEF step."""
     steps: int = 100

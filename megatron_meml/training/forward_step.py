@@ -149,39 +149,58 @@ class StepNormalisers:
     """Global (all micro-batches, all DP ranks) denominators of each term; each >= 1."""
 
     pg: float
-    """GRPO tokens (token_mean) or GRPO sequences (seq_* aggregations), with those of rows left out at advantage 0
+    """GRPO tokens (token_mean) or GRPO sequences (seq_* aggregations), with those of rows left out of the batch
     (``TrainBatch.pg_norm_extra``)."""
     pairs: float
-    """Mutual-learning pairs."""
+    """What the mutual-learning terms divide by: the pair count (algo.aux_normaliser=own) or the policy count
+    (policy, ``policy_normaliser``)."""
     sft: float
-    """SFT target tokens (token_mean) or SFT sequences (seq_* aggregations)."""
+    """What the SFT term divides by: SFT target tokens (token_mean) or SFT sequences (seq_* aggregations) under
+    algo.aux_normaliser=own; the policy count under policy (``policy_normaliser``)."""
     scored: float = 1.0
     """The three counts summed before the >= 1 floor: 0 when no DP rank has anything to score this step."""
     pg_present: float
     """``pg`` without the rows left out: what the policy term's metrics (clip fraction, mismatch) average over."""
 
 
+def policy_normaliser(pg: float, fallback: float) -> float:
+    """The count the auxiliary terms divide by under algo.aux_normaliser=policy, from global counts: the policy
+    term's (``pg``, rows left out included) when the step has any GRPO token (row), else ``fallback`` (every
+    response generated in the step, ``TrainBatch.pg_norm_fallback``: e.g. dynamic sampling kept no question); 0
+    when both are 0 (then each term keeps its own count rather than dividing by a made-up 1)."""
+    return pg if pg > 0 else max(fallback, 0.0)
+
+
 def step_normalisers(micro: list[MicroBatch], algo: AlgoConfig, dp_group=None, *,
-                     pg_extra: float = 0.0) -> StepNormalisers:
-    """Sum the local counts over micro-batches, then over the DP group; ``pg_extra``: this rank's share of the
-    policy normaliser from GRPO rows left out of the batch (``TrainBatch.pg_norm_extra``)."""
-    counts = torch.zeros(4, dtype=torch.float64)
+                     pg_extra: float = 0.0, pg_fallback: float = 0.0) -> StepNormalisers:
+    """Sum the local counts over micro-batches (or any objects with ``row_kind`` and ``loss_mask``, e.g. the whole
+    TrainBatch: the counts do not depend on the split), then over the DP group. ``pg_extra``: this rank's share of
+    the policy normaliser from GRPO rows left out of the batch (``TrainBatch.pg_norm_extra``); ``pg_fallback``: its
+    share of every generated response (``TrainBatch.pg_norm_fallback``, read under aux_normaliser=policy only)."""
+    counts = torch.zeros(5, dtype=torch.float64)
     for mb in micro:
         kind = mb.row_kind[:, None]
         counts[0] += float(local_normaliser(mb.loss_mask * (kind == GRPO), algo.aggregation))
         counts[1] += float((mb.row_kind == STUDENT).sum())
         counts[2] += float(local_normaliser(mb.loss_mask * (kind == SFT), algo.sft_aggregation))
     counts[3] = pg_extra
+    counts[4] = pg_fallback
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(counts, group=dp_group)
     present, pairs, sft = (max(float(c), 1.0) for c in counts[:3])
-    return StepNormalisers(pg=max(float(counts[0] + counts[3]), 1.0), pairs=pairs, sft=sft,
-                           scored=float(counts.sum()), pg_present=present)
+    pg = float(counts[0] + counts[3])
+    if algo.aux_normaliser == "policy":
+        aux = policy_normaliser(pg, float(counts[4]))
+        if aux > 0:
+            pairs = sft = aux
+    return StepNormalisers(pg=max(pg, 1.0), pairs=pairs, sft=sft, scored=float(counts[:4].sum()),
+                           pg_present=present)
 
 
 def meml_loss(logits: torch.Tensor, mb: MicroBatch, norm: StepNormalisers, algo: AlgoConfig, tp_group,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The micro-batch's share of L = L_pg (+ kl_coef L_ref) + lambda1 L_mutual + lambda2 L_sft (sum form)."""
+    """The micro-batch's share of L = L_pg (+ kl_coef L_ref) + lambda1 L_mutual + lambda2 L_sft (sum form); each
+    term divides by its entry of ``norm`` (under algo.aux_normaliser=policy the auxiliary ones by the policy's)."""
     lp = row_logprobs(logits, mb, tp_group)
     kind = mb.row_kind[:, None]
     mask = mb.loss_mask.to(lp.dtype)
@@ -244,7 +263,8 @@ def _mutual_terms(lp, logits, mask, mb: MicroBatch, students: torch.Tensor, norm
     metrics.update(m)
     out = algo.lambda_kl * kl
     if algo.mutual_teacher_nll > 0:
-        nll, m = mutual_teacher_nll_loss(lp[teachers], mask[teachers], norm.pairs)
+        agg = algo.aggregation if algo.aux_normaliser == "policy" else "seq_mean_token_mean"
+        nll, m = mutual_teacher_nll_loss(lp[teachers], mask[teachers], norm.pairs, aggregation=agg)
         metrics.update(m)
         out = out + algo.mutual_teacher_nll * nll
     return out

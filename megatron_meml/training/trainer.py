@@ -12,8 +12,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_meml.algo.config import AlgoConfig
-from megatron_meml.training.forward_step import (GRPO, SFT, STUDENT, TEACHER, MicroBatch, logprob_forward_step,
-                                                 make_forward_step, step_normalisers)
+from megatron_meml.training.forward_step import (GRPO, SFT, STUDENT, TEACHER, MicroBatch, StepNormalisers,
+                                                 logprob_forward_step, make_forward_step, step_normalisers)
 from megatron_meml.training.packing import split_batch, split_packed, take_rows
 from megatron_meml.training.setup import TrainState, zero_grads
 from megatron_meml.types import TrainBatch
@@ -49,6 +49,14 @@ def layout_metrics(micro: list[MicroBatch]) -> dict[str, float]:
     return {"train/model_tokens": float(model), "train/prompt_tokens_shared": float(shared)}
 
 
+def normaliser_metrics(norm: Optional[StepNormalisers]) -> dict[str, float]:
+    """``train/normaliser_pg``, ``_pairs``, ``_sft``: the global counts the step's terms divided by (the same on
+    every rank), so that a term's logged value (``train/mutual_kl`` ...) reads as its share of the loss."""
+    if norm is None:
+        return {}
+    return {"train/normaliser_pg": norm.pg, "train/normaliser_pairs": norm.pairs, "train/normaliser_sft": norm.sft}
+
+
 class Trainer:
     """Runs Megatron's forward/backward schedule on TrainBatches for one model replica."""
 
@@ -82,6 +90,8 @@ class Trainer:
         """Packed rows with the same prompt share one copy of it (``split_packed``)."""
         self.last_layout: dict[str, float] = {}
         """``layout_metrics`` of the last backward's micro-batches."""
+        self.last_norm: Optional[StepNormalisers] = None
+        """The normalisers of the last backward."""
         if share_prompts and (self.max_tokens <= 0 or not logits_at_scored_only):
             raise ValueError("share_prompts needs max_tokens_per_micro_batch > 0 and logits_at_scored_only")
 
@@ -135,15 +145,17 @@ class Trainer:
         metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["train/update_skipped"] = 0.0 if ok else 1.0
         metrics["train/empty_step"] = 0.0
-        return {**metrics, **self.last_layout, **diag}
+        return {**metrics, **self.last_layout, **normaliser_metrics(self.last_norm), **diag}
 
     def term_grad_norms(self, batch: TrainBatch) -> dict[str, float]:
         """``train/grad_norm_<term>``: the global norm (before clipping) of each loss term's gradient alone, for
         pg (the policy gradient, with the reference KL when on), mutual (the pairs: student and teacher rows) and
-        sft. Each term's rows form their own batch, and the term's normaliser counts only its own rows, so that
-        batch's gradient is exactly the term's share of the step's. One more forward/backward per term; the step's
-        own backward starts from zeroed gradients, so the step itself is unchanged."""
+        sft. Each term's rows form their own batch, divided by the step's normalisers (under
+        algo.aux_normaliser=policy the auxiliary terms divide by the policy count, which their own rows do not hold),
+        so that batch's gradient is exactly the term's share of the step's. One more forward/backward per term; the
+        step's own backward starts from zeroed gradients, so the step itself is unchanged."""
         kind, out = batch.row_kind, {}
+        norm = self.normalisers([batch], batch)
         for term, kinds in (("pg", (GRPO,)), ("mutual", (STUDENT, TEACHER)), ("sft", (SFT,))):
             rows = [i for i, k in enumerate(kind.tolist()) if k in kinds]
             if not rows:  # a row scored nowhere, so every rank runs the same collectives
@@ -154,14 +166,21 @@ class Trainer:
             else:
                 sub = take_rows(batch, rows)
             sub = dataclasses.replace(sub, pg_norm_extra=batch.pg_norm_extra if term == "pg" else 0.0)
-            if self._backward(sub) is not None:
+            if self._backward(sub, norm=norm) is not None:
                 self.state.optimizer.prepare_grads()
                 out[f"train/grad_norm_{term}"] = float(self.state.optimizer.get_grad_norm())
         return out
 
-    def _backward(self, batch: TrainBatch) -> Optional[list[dict]]:
+    def normalisers(self, counted: list, batch: TrainBatch) -> StepNormalisers:
+        """Collective over DP: the step's normalisers over ``counted`` (the batch's micro-batches, or ``[batch]``)
+        and the batch's shares of rows left out (``pg_norm_extra``, ``pg_norm_fallback``)."""
+        return step_normalisers(counted, self.algo, self.dp_group, pg_extra=batch.pg_norm_extra,
+                                pg_fallback=batch.pg_norm_fallback)
+
+    def _backward(self, batch: TrainBatch, norm: Optional[StepNormalisers] = None) -> Optional[list[dict]]:
         """Zeroed gradients, then forward/backward over the batch's micro-batches (the loss-function outputs); None
-        when no DP rank scores anything (nothing ran)."""
+        when no DP rank scores anything in it (nothing ran). ``norm``: divide by these normalisers instead of the
+        batch's own (``term_grad_norms``: a term's rows over the whole step's counts)."""
         teacher_seq = None
         if self.algo.kl_coef > 0 and bool((batch.row_kind == GRPO).any()):
             if self.reference is None:
@@ -172,9 +191,11 @@ class Trainer:
             batch, teacher_seq = self._score_teachers(batch)
         micro, _ = self._split(batch, trim=True, teacher_seq=teacher_seq)
         self.last_layout = layout_metrics(micro)
-        norm = step_normalisers(micro, self.algo, self.dp_group, pg_extra=batch.pg_norm_extra)
-        if norm.scored == 0:
+        own = self.normalisers(micro, batch)
+        if own.scored == 0:
             return None
+        norm = own if norm is None else norm
+        self.last_norm = norm
         dp = dist.get_world_size(self.dp_group)
         fwd = make_forward_step(norm, self.algo, num_microbatches=len(micro), dp_size=dp, tp_group=self.tp_group,
                                 scored_only=self.scored_only)

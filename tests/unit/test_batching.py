@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_meml.algo.advantages import grpo_advantages
-from megatron_meml.stages.batching import grpo_rows, to_train_batch, zero_advantage_share
+from megatron_meml.stages.batching import grpo_rows, left_out_share, to_train_batch
 from megatron_meml.types import Completion, ExpertGroup, Problem
 
 
@@ -28,11 +28,16 @@ def test_zero_rows_left_out_and_their_share_kept():
     kept = grpo_rows(groups, adv, positive_only=False, skip_zero=True)
     assert [len(r.tokens) for r in every] == [4, 5, 6, 4, 6]  # prompt 2 + response; the empty one has no row
     assert [len(r.tokens) for r in kept] == [4, 5, 6]
-    assert zero_advantage_share(groups, adv, "token_mean") == 2 + 4  # the scored tokens of the two zero rows
-    assert zero_advantage_share(groups, adv, "seq_mean_token_mean") == 2
-    assert zero_advantage_share(groups, adv, "seq_mean_token_sum") == 2
+    flags = dict(positive_only=False, skip_zero=True)
+    assert left_out_share(groups, adv, "token_mean", **flags) == 2 + 4  # the scored tokens of the two zero rows
+    assert left_out_share(groups, adv, "seq_mean_token_mean", **flags) == 2
+    assert left_out_share(groups, adv, "seq_mean_token_sum", **flags) == 2
     positive = grpo_rows(groups, adv, positive_only=True)
     assert [r.advantage > 0 for r in positive] == [True]
+    # the paper's loss leaves out every row with A <= 0: (0, 3 and 4 tokens) of group 1, (2, 4) of group 2
+    flags = dict(positive_only=True, skip_zero=False)
+    assert left_out_share(groups, adv, "token_mean", **flags) == 3 + 4 + 2 + 4
+    assert left_out_share(groups, adv, "seq_mean_token_sum", **flags) == 4
     batch = to_train_batch(kept, 0, pg_norm_extra=6.0)
     assert batch.pg_norm_extra == 6.0 and batch.num_rows == 3
     assert float(batch.loss_mask.sum()) + 6.0 == sum(float(m.sum()) for m in to_train_batch(every, 0).loss_mask)

@@ -121,3 +121,44 @@ def test_frozen_and_round_trip(tmp_path):
         cfg.seed = 6  # type: ignore[misc]
     p = _write(tmp_path, to_yaml(cfg))
     assert load_config(p) == cfg
+
+
+POLICY = ["algo.aux_normaliser=policy", "algo.pg_normaliser=all"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["algo.aux_normaliser=mean"], r"algo.aux_normaliser must be one of \('own', 'policy'\)"),
+    (["algo.pg_normaliser=positive"], r"algo.pg_normaliser must be one of \('scored', 'all'\)"),
+    # under paper_pg the scored count is 0 in a step where no answer is right
+    (["algo.aux_normaliser=policy"], r"algo.aux_normaliser=policy with algo.policy_loss=paper_pg needs "
+                                     r"algo.pg_normaliser=all"),
+    # each auxiliary row must add what a policy row adds: a token sum under token_mean ...
+    ([*POLICY, "algo.mutual_normalise=token"], r"algo.aggregation=token_mean needs algo.mutual_normalise=sequence"),
+    ([*POLICY, "algo.sft_aggregation=seq_mean_token_mean"],
+     r"algo.aggregation=token_mean needs algo.sft_aggregation=token_mean"),
+    # ... a row's token mean under seq_mean_token_mean
+    ([*POLICY, "algo.aggregation=seq_mean_token_mean", "algo.sft_aggregation=seq_mean_token_mean"],
+     r"algo.aggregation=seq_mean_token_mean needs algo.mutual_normalise=token"),
+    ([*POLICY, "algo.aggregation=seq_mean_token_mean", "algo.mutual_normalise=token"],
+     r"algo.aggregation=seq_mean_token_mean needs algo.sft_aggregation=seq_mean_token_mean"),
+    ([*POLICY, "algo.aggregation=seq_mean_token_sum", "algo.sft_aggregation=token_mean"],
+     r"algo.aggregation=seq_mean_token_sum needs algo.sft_aggregation=seq_mean_token_sum"),
+])
+def test_normaliser_checks_name_the_fields(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    POLICY,
+    [*POLICY, "algo.aggregation=seq_mean_token_mean", "algo.mutual_normalise=token",
+     "algo.sft_aggregation=seq_mean_token_mean"],
+    [*POLICY, "algo.aggregation=seq_mean_token_sum", "algo.sft_aggregation=seq_mean_token_sum"],
+    # the clipped loss trains every row: its normaliser counts them all under either pg_normaliser
+    ["algo.aux_normaliser=policy", "algo.policy_loss=clipped"],
+    # without mutual learning its normalisation is not read
+    [*POLICY, "algo.mutual_learning=false", "algo.mutual_normalise=token"],
+    ["algo.pg_normaliser=all"],
+])
+def test_normaliser_combinations_that_compose(overrides):
+    load_config(None, overrides)
