@@ -84,7 +84,8 @@ def test_data_seed_fixes_the_problems_not_the_run():
 
     def ids(*over):
         cfg = load_config(RECIPES / "smollm2-wordmath.yaml", list(over))
-        train, val = load_data(cfg)
+        splits = load_data(cfg)
+        train, val = splits.train, splits.test
         return [p.id for p in train[:50]], [p.id for p in val]
 
     assert ids("seed=1", "data.seed=7") == ids("seed=2", "data.seed=7")
