@@ -184,8 +184,8 @@ def setup_run(cfg: MemlConfig, stage: str, *, resume_step: Optional[int] = None)
     logger = MetricsLogger(paths.root, cfg.logging, enabled=dist.get_rank() == 0, resume_step=resume_step,
                            resume_stages=(stage, "eval"))
     ctx = RunContext(cfg=cfg, paths=paths, arch=arch, experts=experts, train_problems=splits.train,
-                     eval_problems=splits.test, dev_problems=splits.dev, state=state, trainer=trainer, logger=logger, timers=PhaseTimers(),
-                     stop=StopFlag(), dp_rank=ps.get_data_parallel_rank(),
+                     eval_problems=splits.test, dev_problems=splits.dev, state=state, trainer=trainer, logger=logger,
+                     timers=PhaseTimers(), stop=StopFlag(), dp_rank=ps.get_data_parallel_rank(),
                      dp_size=ps.get_data_parallel_world_size(), rank=dist.get_rank())
     if ctx.is_writer:
         log.info("run %s: stage %s, %d train / %d held-out / %d dev problems, experts %s, weights from %s",

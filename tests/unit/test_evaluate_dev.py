@@ -42,7 +42,8 @@ def test_dev_problems_are_evaluated_with_the_test_problems_and_reported_apart(tm
     right |= {(e, p.id): e == 2 for e in range(3) for p in dev}
     engine = _Engine({tuple(experts.prompt_ids(e, p)): f"#### {p.answer if right[e, p.id] else -1}"
                       for e in range(3) for p in test + dev})
-    ctx = RunContext(cfg=cfg, paths=RunPaths(tmp_path), arch=None, experts=experts, train_problems=[], eval_problems=test,
+    ctx = RunContext(cfg=cfg, paths=RunPaths(tmp_path), arch=None, experts=experts, train_problems=[],
+                     eval_problems=test,
                      dev_problems=dev, state=None, trainer=None, rollout=engine,
                      logger=MetricsLogger(tmp_path, cfg.logging), timers=PhaseTimers(), stop=StopFlag(), dp_rank=0,
                      dp_size=1, rank=0)
@@ -69,7 +70,8 @@ def test_without_dev_problems_nothing_changes(tmp_path: Path):
     experts = synthetic_expert_set(cfg.experts, 2)
     test = _problems("test", 3)
     engine = _Engine({tuple(experts.prompt_ids(e, p)): f"#### {p.answer}" for e in range(2) for p in test})
-    ctx = RunContext(cfg=cfg, paths=RunPaths(tmp_path), arch=None, experts=experts, train_problems=[], eval_problems=test,
+    ctx = RunContext(cfg=cfg, paths=RunPaths(tmp_path), arch=None, experts=experts, train_problems=[],
+                     eval_problems=test,
                      state=None, trainer=None, rollout=engine, logger=MetricsLogger(tmp_path, cfg.logging),
                      timers=PhaseTimers(), stop=StopFlag(), dp_rank=0, dp_size=1, rank=0)
     m = evaluate(ctx, 1)
