@@ -100,7 +100,7 @@ def write_real_prompts(model: str, path: Path, n: int = 512) -> None:
 
     cfg = load_config(REAL_RECIPE, real_overrides("grpo", 1, "/tmp", model))
     experts = build_experts(cfg)
-    train, _ = load_data(cfg)
+    train = load_data(cfg).train
     with path.open("w") as f:
         for problem in train[:n]:
             f.write(json.dumps({"prompt": experts.prompt_text(0, problem), "answer": problem.answer}) + "\n")

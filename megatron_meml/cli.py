@@ -46,7 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("--recipe-dir", default=None, help="directory holding the default's recipe pair "
                                                         "(default: the packaged recipes)")
     dm.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. output_dir=/tmp/runs")
-    cp = sub.add_parser("compare", help="the paper's main/ablation table on an embedded default (several seeds)")
+    cp = sub.add_parser(
+        "compare", help="the paper's main/ablation table on an embedded default (several seeds)",
+        description="Runs MoE-SFT per seed and the RL rows from it, then tabulates each row's held-out test accuracy "
+                    "under three read-outs (expert0, expert1, and best-on-dev: the expert best on the run's dev "
+                    "problems, reported on the test problems; set data.dev_size=N to have dev problems, else the "
+                    "expert of highest training reward stands in and the table marks it), with 95% intervals, and "
+                    "each row's paired difference to MoE-SFT-GRPO per seed (bootstrap over problems) and pooled over "
+                    "seeds (two-level bootstrap). Writes compare.md, compare.png (the pooled differences), "
+                    "compare_rows.json (logged metrics) and compare_problems.json (per-problem correctness, from "
+                    "which the intervals can be recomputed) to --out; finished runs there are reused and earlier "
+                    "seeds gathered.")
     cp.add_argument("--default", default="toy", choices=sorted(DEFAULTS), help="which embedded default (toy)")
     cp.add_argument("--recipe-dir", default=None, help="directory holding the default's recipe pair")
     cp.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")

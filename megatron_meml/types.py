@@ -39,6 +39,19 @@ class Problem:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProblemSplits:
+    """A run's problems in three disjoint parts."""
+
+    train: list[Problem]
+    """What RL samples from and MEF learns."""
+    test: list[Problem]
+    """The held-out problems every accuracy is reported on."""
+    dev: list[Problem] = field(default_factory=list)
+    """Validation problems (``data.dev_size``; empty by default): for choices such as which expert to read out, so
+    that the test problems are not used to make them."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Completion:
     """One sampled response from the rollout engine."""
 

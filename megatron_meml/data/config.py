@@ -49,6 +49,11 @@ class DataConfig:
     size, fraction and seed give the same problems."""
     eval_weights: Optional[List[float]] = None
     """Wordmath: mixture weight of each of ``eval_levels`` (None: equal)."""
+    dev_size: int = 0
+    """Validation (dev) problems apart from the train and the held-out test problems, for choices that must not look
+    at the test problems (`meml compare`'s best-on-dev expert); evaluation reports them as ``eval/dev/...``. Wordmath:
+    drawn from their own stream, of the held-out levels, and counted in ``synthetic_size``; other sources: the
+    ``dev_size`` held-out problems ranked first by a hash of (seed, id), taken out of the test problems. 0: none."""
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -71,5 +76,7 @@ class DataConfig:
             raise ValueError("data.eval_weights needs data.eval_levels of the same length")
         if self.eval_levels is not None and (not self.eval_levels or any(lvl < 1 for lvl in self.eval_levels)):
             raise ValueError(f"data.eval_levels must be levels >= 1, got {self.eval_levels}")
+        if self.dev_size < 0:
+            raise ValueError(f"data.dev_size must be >= 0, got {self.dev_size}")
         if self.max_problems is not None and self.max_problems < 1:
             raise ValueError(f"data.max_problems must be >= 1 or null, got {self.max_problems}")

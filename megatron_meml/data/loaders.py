@@ -12,7 +12,7 @@ from megatron_meml.data.config import SOURCES, DataConfig
 from megatron_meml.data.rows import BadRows, DataError, RowRef, read_rows, require_object
 from megatron_meml.data import wordmath
 from megatron_meml.data.synthetic import generate_problems
-from megatron_meml.types import Problem
+from megatron_meml.types import Problem, ProblemSplits
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def _split_key(seed: int, pid: str) -> bytes:
     return hashlib.sha256(f"{seed}\x00{pid}".encode()).digest()
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """(train, validation) problems for a run: ``cfg.eval_path`` when given, else a held-out fraction."""
+def load_splits(cfg: DataConfig, seed: int) -> ProblemSplits:
+    """A run's (train, test, dev) problems: the test problems are ``cfg.eval_path`` when given, else a held-out
+    fraction; the dev problems (``cfg.dev_size``) a slice of them (:func:`dev_slice`; wordmath: their own stream)."""
     if cfg.source == "wordmath":
         return _wordmath_splits(cfg, seed)
     kwargs = dict(skip_bad_rows=cfg.skip_bad_rows, hub_id=cfg.hub_id, seed=seed, config=cfg)
@@ -105,20 +106,43 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem
         train, val = split_problems(train, cfg.val_fraction, seed)
     if cfg.max_problems is not None:
         train = train[: cfg.max_problems]
-    return train, val
+    test, dev = dev_slice(val, cfg.dev_size, seed)
+    return ProblemSplits(train=train, test=test, dev=dev)
 
 
-def _wordmath_splits(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Word arithmetic: ``round(size * val_fraction)`` held-out problems (of ``eval_levels`` when set) from their own
-    stream, then the rest of ``synthetic_size`` for training with no held-out question text among them (small
-    levels repeat otherwise)."""
+def dev_slice(held_out: list[Problem], dev_size: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """(test, dev): the ``dev_size`` problems of ``held_out`` ranked first by sha256 of (seed, "dev", id) are the
+    dev problems, the others the test problems, both in input order (membership depends on (seed, id) only, as in
+    :func:`split_problems`)."""
+    if dev_size == 0:
+        return held_out, []
+    if dev_size >= len(held_out):
+        raise DataError(f"data.dev_size={dev_size} leaves no test problems: the held-out split has {len(held_out)}; "
+                        "lower data.dev_size or hold out more (data.val_fraction, data.eval_path)")
+    ranked = sorted(range(len(held_out)), key=lambda i: _split_key(seed, f"dev\x00{held_out[i].id}"))
+    dev_idx = set(ranked[:dev_size])
+    return ([p for i, p in enumerate(held_out) if i not in dev_idx],
+            [p for i, p in enumerate(held_out) if i in dev_idx])
+
+
+def _wordmath_splits(cfg: DataConfig, seed: int) -> ProblemSplits:
+    """Word arithmetic: ``round(size * val_fraction)`` test problems (of ``eval_levels`` when set) from their own
+    stream, then ``dev_size`` dev problems of the same levels from theirs, then the rest of ``synthetic_size`` for
+    training; no question text is in two of them (small levels repeat otherwise). The test problems do not depend
+    on ``dev_size``."""
     n_val = round(cfg.synthetic_size * cfg.val_fraction)
+    n_train = cfg.synthetic_size - n_val - cfg.dev_size
+    if cfg.dev_size and n_train < 1:
+        raise DataError(f"data.dev_size={cfg.dev_size} with {n_val} test problems leaves no training problems of "
+                        f"data.synthetic_size={cfg.synthetic_size}; raise synthetic_size or lower dev_size")
     levels, weights = cfg.synthetic_levels, cfg.synthetic_weights
     eval_levels = cfg.eval_levels or levels
     eval_weights = cfg.eval_weights or (weights if cfg.eval_levels is None else [1.0] * len(eval_levels))
     val = wordmath.generate_problems(eval_levels, eval_weights, n_val, seed=seed, split="validation") if n_val else []
-    train = wordmath.generate_problems(levels, weights, cfg.synthetic_size - n_val, seed=seed, split="train",
-                                       exclude=frozenset(p.question for p in val))
+    dev = (wordmath.generate_problems(eval_levels, eval_weights, cfg.dev_size, seed=seed, split="dev",
+                                      exclude=frozenset(p.question for p in val)) if cfg.dev_size else [])
+    train = wordmath.generate_problems(levels, weights, n_train, seed=seed, split="train",
+                                       exclude=frozenset(p.question for p in val + dev))
     if cfg.max_problems is not None:
         train = train[: cfg.max_problems]
-    return train, val
+    return ProblemSplits(train=train, test=val, dev=dev)

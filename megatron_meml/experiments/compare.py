@@ -19,8 +19,12 @@ Variants (each a `meml` subprocess, as a user would run it):
 Extra RL variants come from ``--variant "NAME: key=value ..."`` (always run); ``--only`` runs a subset of the
 built-in rows (MoE-SFT always runs: it is every RL variant's start).
 Every RL variant sees the same problems, samples and steps (equal rollout budget). Every row is evaluated on the same
-held-out problems (the RL recipe's): greedy accuracy with the Expert0 prompt, with the expert best on those problems
-and, for RL rows, with the expert of highest training reward (``_final_eval``).
+held-out test problems (the RL recipe's), and on its dev problems when the recipe sets ``data.dev_size``. From each
+run's per-problem eval files the tables read three experts (reporting/compare_tables.py): expert0, expert1 and
+best-on-dev (the expert best on the dev problems, reported on the test problems; without dev problems, the expert of
+highest training reward), each row's test accuracy with a 95% interval, and its paired difference to MoE-SFT-GRPO
+per seed (bootstrap over problems) and pooled over seeds (two-level bootstrap). The logged metrics of every run
+(``_final_eval``) are tabulated too, as mean ± std over seeds.
 """
 from __future__ import annotations
 
@@ -31,12 +35,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from megatron_meml.config import load_config, recipe_files
 from megatron_meml.errors import ConfigError
 from megatron_meml.experiments.defaults import resolve, trace_overrides
-from megatron_meml.reporting.report import compare_stats, paired_differences, write_compare_table
+from megatron_meml.reporting.compare_tables import (BASELINE, READOUTS, CompareIntervals, RunProblems, best_expert,
+                                                    compare_intervals, compare_stats, paired_differences,
+                                                    read_compare_problems, run_problems, write_compare_problems,
+                                                    write_compare_table)
+from megatron_meml.reporting.samples import eval_file, latest_eval_file, read_eval_problems
 from megatron_meml.stages.paths import RunPaths
 
 PAPER_MUTUAL = ["algo.mutual_normalise=sequence", "algo.lambda_kl_warmup_steps=0",
@@ -132,19 +140,47 @@ def _meml(argv: list[str], log: Path, stamp: dict[str, str]) -> None:
 
 ROWS_STAMP = "compare_rows.stamp.json"
 """Next to compare_rows.json: the recipe_stamp its rows were run on."""
+PROBLEMS_FILE = "compare_problems.json"
+"""Next to compare_rows.json: every row's per-problem correctness per seed, read-out and split
+(reporting/compare_tables.py)."""
+
+
+def _earlier_on_same_recipes(root: Path, stamp: dict[str, str], name: str) -> Optional[Path]:
+    """``root / name`` when an earlier compare wrote it on the same recipe files (else None)."""
+    old, prev = root / name, root / ROWS_STAMP
+    ok = old.is_file() and prev.is_file() and _same_recipes(json.loads(prev.read_text()), stamp)
+    return old if ok else None
 
 
 def _with_earlier_rows(root: Path, stamp: dict[str, str], rows: list[dict]) -> list[dict]:
     """The rows of earlier compares in ``root`` on the same recipe files (their finished runs), with this
     compare's rows in place of the same (variant, seed) and after them: so ``--seeds 1`` today and ``--seeds 2,3``
     tomorrow give one table over three seeds. Rows of other recipe files are left out."""
-    old = root / "compare_rows.json"
-    prev = root / ROWS_STAMP
-    if not (old.is_file() and prev.is_file() and _same_recipes(json.loads(prev.read_text()), stamp)):
+    old = _earlier_on_same_recipes(root, stamp, "compare_rows.json")
+    if old is None:
         return rows
     new = {(r["variant"], r["seed"]): r for r in rows}
     earlier = [new.pop((r["variant"], r["seed"]), r) for r in json.loads(old.read_text())]
     return earlier + list(new.values())
+
+
+def _eval_dir(root: Path, variant: str, seed: int) -> Path:
+    """Where a row's evaluation ran: the SFT rows' ``meml eval`` run, the RL rows' own run."""
+    return root / (f"{variant}-s{seed}-eval" if variant in SFT_VARIANTS else f"{variant}-s{seed}")
+
+
+def _gather_runs(root: Path, stamp: dict[str, str], rows: list[dict], expert_ids: Sequence[str]) -> list[RunProblems]:
+    """Per-problem read-outs of every row, in the rows' order: from the run's eval files, else from an earlier
+    compare's PROBLEMS_FILE on the same recipe files; rows with neither are left out (the table lists them)."""
+    old = _earlier_on_same_recipes(root, stamp, PROBLEMS_FILE)
+    earlier = {(r.variant, r.seed): r for r in (read_compare_problems(old)[0] if old else [])}
+    runs = []
+    for row in rows:
+        v, seed = row["variant"], int(row["seed"])
+        got = _run_problems(v, seed, _eval_dir(root, v, seed), expert_ids) or earlier.get((v, seed))
+        if got is not None:
+            runs.append(got)
+    return runs
 
 
 def _drop_checkpoints(run_dir: Path, keep: bool) -> None:
@@ -160,23 +196,60 @@ REWARD_WINDOW = 10
 """acc_reward_best picks the expert with the highest mean sampled reward over the last this many RIEL steps."""
 
 
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in RunPaths(run_dir).metrics.read_text().splitlines() if x.strip()]
+
+
+def _accuracies(record: dict, dev: bool) -> dict[str, float]:
+    """expert id (and best_expert) -> greedy accuracy in one eval record, on the test problems or (``dev``) the dev
+    problems (``eval/dev/<expert>/accuracy``)."""
+    keys = [k.split("/") for k in record if k.startswith("eval/") and k.endswith("/accuracy")]
+    return {p[2]: record["/".join(p)] for p in keys if len(p) == 4 and (p[1] == "dev") == dev}
+
+
+def _reward_pick(rows: Sequence[dict], experts: Sequence[str], expert0: str) -> Optional[str]:
+    """The expert with the highest training reward over the last REWARD_WINDOW RIEL steps (None: no RIEL steps)."""
+    recent = [r for r in rows if r["stage"] == "train"][-REWARD_WINDOW:]
+    reward = {e: sum(r.get(f"expert/{e}/reward_mean", 0.0) for r in recent) for e in experts}
+    if recent and any(f"expert/{e}/reward_mean" in r for r in recent for e in reward):
+        return max(reward, key=lambda e: (reward[e], e == expert0))
+    return None
+
+
 def _final_eval(run_dir: Path, expert0: str) -> dict[str, float]:
     """acc_expert0; acc_best_expert (the expert best on the held-out problems themselves: optimistic); for RL runs
     acc_reward_best (the expert with the highest training reward over the last REWARD_WINDOW steps, chosen without
-    looking at the held-out problems); acc_<id> for each other expert (how the weak experts move)."""
-    rows = [json.loads(x) for x in RunPaths(run_dir).metrics.read_text().splitlines() if x.strip()]
+    looking at the held-out problems); with dev problems acc_best_on_dev (the expert best on them, on the test
+    problems); acc_<id> for each other expert (how the weak experts move)."""
+    rows = _metrics(run_dir)
     evals = [r for r in rows if r["stage"] == "eval"]
     if not evals:
         raise RuntimeError(f"{run_dir}: no evaluation was logged")
-    last = evals[-1]
-    acc = {k.split("/")[2]: v for k, v in last.items() if k.startswith("eval/") and k.endswith("/accuracy")}
+    acc, dev = _accuracies(evals[-1], dev=False), _accuracies(evals[-1], dev=True)
     out = {"acc_expert0": acc[expert0], "acc_best_expert": acc["best_expert"]}
-    recent = [r for r in rows if r["stage"] == "train"][-REWARD_WINDOW:]
-    reward = {e: sum(r.get(f"expert/{e}/reward_mean", 0.0) for r in recent) for e in acc if e != "best_expert"}
-    if recent and any(f"expert/{e}/reward_mean" in r for r in recent for e in reward):
-        out["acc_reward_best"] = acc[max(reward, key=lambda e: (reward[e], e == expert0))]
+    pick = _reward_pick(rows, [e for e in acc if e != "best_expert"], expert0)
+    if pick is not None:
+        out["acc_reward_best"] = acc[pick]
+    dev.pop("best_expert", None)
+    if dev:
+        out["acc_best_on_dev"] = acc[best_expert(dev)]
     out.update({f"acc_{e}": v for e, v in acc.items() if e not in (expert0, "best_expert")})
     return out
+
+
+def _run_problems(variant: str, seed: int, run_dir: Path, expert_ids: Sequence[str]) -> Optional[RunProblems]:
+    """The run's read-outs from its latest per-problem eval files (test, and dev when present); None when it has
+    none (evaluated before they were written)."""
+    path = latest_eval_file(run_dir)
+    if path is None:
+        return None
+    test = read_eval_problems(path)
+    dev_path = eval_file(run_dir, int(path.stem.removeprefix("step_")), "dev")
+    dev = read_eval_problems(dev_path) if dev_path.is_file() else []
+    pick = None
+    if not dev and test and RunPaths(run_dir).metrics.is_file():
+        pick = _reward_pick(_metrics(run_dir), list(test[0].rewards), expert_ids[0])
+    return run_problems(variant, seed, test, dev, expert_ids, pick)
 
 
 def _traces(mef: Path, overrides: list[str], root: Path, recipes: dict[str, str]) -> list[str]:
@@ -246,19 +319,32 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
             rows.append({"variant": variant, "seed": seed, **_final_eval(root / name, expert0)})
             print(f"[compare] {name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = _with_earlier_rows(root, recipes, rows)
+    runs = _gather_runs(root, recipes, rows, base.experts.ids)
     (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
+    write_compare_problems(root / PROBLEMS_FILE, runs)
     (root / ROWS_STAMP).write_text(json.dumps(recipes))
-    write_compare_table(rows, root)
-    stats = compare_stats(rows)
-    print(f"[compare] {len({r['seed'] for r in rows})} seeds, {time.perf_counter() - t0:.0f} s; held-out greedy "
-          "accuracy (mean ± std):")
-    for variant, per in stats.items():
+    intervals = compare_intervals(runs) if runs else None
+    write_compare_table(rows, root, runs=runs, intervals=intervals)
+    _print_summary(rows, intervals, time.perf_counter() - t0)
+    print(f"[compare] tables: {root / 'compare.md'}, plot: {root / 'compare.png'}, per-problem data: "
+          f"{root / PROBLEMS_FILE}")
+    return 0
+
+
+def _print_summary(rows: list[dict], intervals: Optional[CompareIntervals], seconds: float) -> None:
+    print(f"[compare] {len({r['seed'] for r in rows})} seeds, {seconds:.0f} s; held-out greedy accuracy (mean ± std):")
+    for variant, per in compare_stats(rows).items():
         cells = "  ".join(f"{m} {mu:.3f} ± {sd:.3f}" for m, (mu, sd, _) in per.items())
         print(f"  {variant:14s} {cells}")
-    paired = paired_differences(rows, "MoE-SFT-GRPO", "acc_expert0")
+    if intervals is not None and intervals.pooled:
+        print(f"[compare] paired difference to {intervals.baseline} on the test problems, pooled over seeds (95% "
+              "bootstrap interval):")
+        for v in dict.fromkeys(k[0] for k in intervals.pooled):
+            print(f"  {v:14s} " + "  ".join(f"{ro} {intervals.pooled[v, ro].signed()}" for ro in READOUTS
+                                           if (v, ro) in intervals.pooled))
+        return
+    paired = paired_differences(rows, BASELINE, "acc_expert0")
     if paired:
-        print("[compare] Expert0-prompt accuracy minus MoE-SFT-GRPO's on the same seed (mean ± std):")
+        print(f"[compare] Expert0-prompt accuracy minus {BASELINE}'s on the same seed (mean ± std):")
         for variant, (mu, sd, n) in paired.items():
             print(f"  {variant:14s} {mu:+.3f} ± {sd:.3f} ({n} seeds)")
-    print(f"[compare] table: {root / 'compare.md'}, plot: {root / 'compare.png'}")
-    return 0

@@ -69,6 +69,7 @@ REDUCTIONS: dict[str, str] = {
     # Accuracy over equal-sized eval shards; counts add up.
     "eval/": "mean",
     "eval/num_problems": "sum",
+    "eval/num_dev_problems": "sum",
 }
 """Metric name or namespace prefix (ending in "/") -> how it combines across ranks: sum, mean, max or last (the
 value of the highest rank that has it). The longest matching entry wins; a name that matches none is an error."""
@@ -268,7 +269,8 @@ def format_progress(step: int, total: int, metrics: Mapping[str, float], *, stag
             experts = _expert_rewards(metrics)
             if experts:
                 parts.append("experts " + " ".join(experts))
-    accs = [float(v) for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/accuracy")]
+    accs = [float(v) for k, v in metrics.items()
+            if k.startswith("eval/") and not k.startswith("eval/dev/") and k.endswith("/accuracy")]
     if accs:
         parts.append(f"eval acc mean {_num(sum(accs) / len(accs))}")
     if sec_per_step is not None:

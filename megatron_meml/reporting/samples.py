@@ -6,7 +6,7 @@
   ``meml report`` shows the latest ones in summary.md.
 * ``<run_dir>/eval/step_<N>.jsonl``: one :class:`EvalProblem` per held-out problem of the evaluation at step N
   (every expert's greedy reward, extracted answer and format flag), from which the report counts how the experts
-  complement each other.
+  complement each other; ``eval/step_<N>.dev.jsonl`` the same for the dev problems (``data.dev_size``).
 """
 from __future__ import annotations
 
@@ -194,8 +194,11 @@ def _gather(rows: list[EvalProblem]) -> list[EvalProblem]:
     return sorted({r.index: r for r in rows}.values(), key=lambda r: r.index)
 
 
-def eval_file(run_dir: Path | str, step: int) -> Path:
-    return Path(run_dir) / EVAL_DIR / f"step_{int(step)}.jsonl"
+def eval_file(run_dir: Path | str, step: int, split: str = "test") -> Path:
+    """The per-problem file of the evaluation at ``step``: ``eval/step_<N>.jsonl`` for the test problems,
+    ``eval/step_<N>.<split>.jsonl`` for another split (``dev``)."""
+    tag = "" if split == "test" else f".{split}"
+    return Path(run_dir) / EVAL_DIR / f"step_{int(step)}{tag}.jsonl"
 
 
 def write_eval_problems(path: Path, rows: Sequence[EvalProblem]) -> Path:
@@ -207,14 +210,15 @@ def write_eval_problems(path: Path, rows: Sequence[EvalProblem]) -> Path:
 
 
 def record_eval(ctx: Any, step: int, bench: str, shard: Sequence[Problem],
-                results: Sequence[Sequence[GreedyResult]]) -> None:
-    """Collective: the per-problem file of this evaluation and (writer rank) its samples."""
+                results: Sequence[Sequence[GreedyResult]], split: str = "test") -> None:
+    """Collective: the per-problem file of this evaluation on ``split`` and (writer rank, test problems) its
+    samples."""
     indices = range(ctx.dp_rank, ctx.dp_rank + ctx.dp_size * len(shard), ctx.dp_size)
     rows = _gather(eval_problem_rows(step, bench, shard, indices, ctx.experts.ids, results))
     if not ctx.is_writer:
         return
-    write_eval_problems(eval_file(ctx.run_dir, step), rows)
-    n = ctx.cfg.logging.samples_per_step
+    write_eval_problems(eval_file(ctx.run_dir, step, split), rows)
+    n = ctx.cfg.logging.samples_per_step if split == "test" else 0
     if n:
         cands = [(e, i) for e in range(len(results)) for i in range(len(shard))]
         picked = pick_samples([e for e, _ in cands], n, _seed(ctx, "eval", step))

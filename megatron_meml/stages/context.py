@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
@@ -73,6 +73,7 @@ class RunContext:
     experts: ExpertSet
     train_problems: list[Problem]
     eval_problems: list[Problem]
+    """The held-out test problems."""
     state: TrainState
     """DDP model chunks + optimizer."""
     trainer: Trainer
@@ -85,6 +86,8 @@ class RunContext:
     """Global rank (kept: an in-process vLLM engine tears the default process group down on shutdown)."""
     rollout: Optional[Rollout] = None
     """The rollout engine (every rank) after ``with_rollout``."""
+    dev_problems: list[Problem] = field(default_factory=list)
+    """Validation problems apart from the test problems (``data.dev_size``)."""
 
     @property
     def run_dir(self) -> Path:
@@ -96,7 +99,7 @@ class RunContext:
 
     @cached_property
     def problems_by_id(self) -> dict[str, Problem]:
-        return {p.id: p for p in self.train_problems + self.eval_problems}
+        return {p.id: p for p in self.train_problems + self.eval_problems + self.dev_problems}
 
     @property
     def pad_id(self) -> int:
@@ -166,7 +169,7 @@ def setup_run(cfg: MemlConfig, stage: str, *, resume_step: Optional[int] = None)
     if len(experts.tokenizer) > arch.vocab_size:
         raise RunError(f"the tokenizer has {len(experts.tokenizer)} tokens but model.vocab_size is "
                        f"{arch.vocab_size}; raise model.vocab_size (a multiple of 64 x TP)")
-    train, held_out = load_data(cfg)
+    splits = load_data(cfg)
     lr = cfg.train.sft_lr if stage == "sft" else cfg.train.lr
     state = setup_training(arch, cfg.model, cfg.parallel, cfg.train, lr=lr)
     source = init_model_weights(cfg, state, arch)
@@ -180,13 +183,13 @@ def setup_run(cfg: MemlConfig, stage: str, *, resume_step: Optional[int] = None)
                       share_prompts=cfg.train.share_prompts)
     logger = MetricsLogger(paths.root, cfg.logging, enabled=dist.get_rank() == 0, resume_step=resume_step,
                            resume_stages=(stage, "eval"))
-    ctx = RunContext(cfg=cfg, paths=paths, arch=arch, experts=experts, train_problems=train,
-                     eval_problems=held_out, state=state, trainer=trainer, logger=logger, timers=PhaseTimers(),
-                     stop=StopFlag(), dp_rank=ps.get_data_parallel_rank(),
+    ctx = RunContext(cfg=cfg, paths=paths, arch=arch, experts=experts, train_problems=splits.train,
+                     eval_problems=splits.test, dev_problems=splits.dev, state=state, trainer=trainer, logger=logger,
+                     timers=PhaseTimers(), stop=StopFlag(), dp_rank=ps.get_data_parallel_rank(),
                      dp_size=ps.get_data_parallel_world_size(), rank=dist.get_rank())
     if ctx.is_writer:
-        log.info("run %s: stage %s, %d train / %d held-out problems, experts %s, weights from %s", paths.root,
-                 stage, len(train), len(held_out), experts.ids, source)
+        log.info("run %s: stage %s, %d train / %d held-out / %d dev problems, experts %s, weights from %s",
+                 paths.root, stage, len(splits.train), len(splits.test), len(splits.dev), experts.ids, source)
     return ctx
 
 

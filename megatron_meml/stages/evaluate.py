@@ -1,6 +1,7 @@
 """Evaluation: greedy exact-match accuracy per expert prompt (and with no expert prompt), plus pass@k, and two
 read-outs that tell answer-format compliance from skill: the format rate (an answer in the required format) and,
-for math, the last-number accuracy (the completion's last number against the gold answer, whatever its format)."""
+for math, the last-number accuracy (the completion's last number against the gold answer, whatever its format).
+The dev problems (``data.dev_size``), when a run has them, get greedy accuracy per expert (``eval/dev/...``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,9 @@ def read_out(problem: Problem, completion: Completion, answer_format: str, cfg: 
 
 def accuracy_metrics(problems: Sequence[Problem], expert_ids: list[str], greedy: list[list[float]],
                      sampled: list[list[list[float]]] | None, bench: str) -> dict[str, float]:
-    """greedy[e][i] = reward of expert e's greedy answer to problem i; sampled[e][i] = rewards of its k samples."""
-    m: dict[str, float] = {"eval/num_problems": float(len(problems))}
+    """``eval/<bench>/<expert>/accuracy`` (and ``pass@k``, ``best_expert/accuracy``): greedy[e][i] = reward of expert
+    e's greedy answer to problem i; sampled[e][i] = rewards of its k samples."""
+    m: dict[str, float] = {}
     for e, eid in enumerate(expert_ids):
         m[f"eval/{bench}/{eid}/accuracy"] = sum(greedy[e]) / max(len(problems), 1)
         if sampled is not None:
@@ -78,40 +80,60 @@ def readout_metrics(expert_ids: list[str], results: list[list[GreedyResult]], be
     return m
 
 
-def evaluate(ctx: RunContext, step: int) -> dict[str, float]:
-    """Collective: greedy (and pass@k) on the held-out problems through the rollout engine; logged as stage eval.
-    Also writes <run_dir>/eval/step_<step>.jsonl (per-problem greedy rewards) and the step's samples."""
-    cfg = ctx.cfg
-    problems = ctx.eval_problems[: cfg.eval.max_problems or None] or ctx.train_problems[: cfg.eval.max_problems]
-    shard = problems[ctx.dp_rank::ctx.dp_size]
-    experts, fmt = ctx.experts, cfg.experts.answer_format
+def _greedy(ctx: RunContext, problems: Sequence[Problem]) -> list[list[GreedyResult]]:
+    """results[e][i]: expert e's greedy read-outs on problems[i]; every expert's prompts in one generation (the
+    engine batches them together)."""
+    fmt, cfg, n = ctx.cfg.experts.answer_format, ctx.cfg, len(problems)
+    prompts = [ctx.experts.prompt_ids(e, p) for e in range(len(ctx.experts)) for p in problems]
     budget = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    n, k = len(shard), cfg.eval.pass_k
-    t0 = time.perf_counter()
-    # every expert's prompts in one generation: the engine batches them together
-    prompts = [experts.prompt_ids(e, p) for e in range(len(experts)) for p in shard]
     outs = ctx.rollout.generate(prompts, SamplingSpec(n=1, temperature=0.0, max_tokens=budget))
-    results = [[read_out(p, o, fmt, cfg.reward) for p, o in zip(shard, outs[e * n:(e + 1) * n])]
-               for e in range(len(experts))]
-    sampled = None
-    if k:
-        outs = ctx.rollout.generate(prompts, SamplingSpec(n=k, temperature=1.0, max_tokens=budget,
-                                                          seed=cfg.seed + 7919 * step))
-        sampled = [[[score(p, o.text, fmt, cfg.reward).reward for o in outs[(e * n + i) * k:(e * n + i + 1) * k]]
-                    for i, p in enumerate(shard)] for e in range(len(experts))]
+    return [[read_out(p, o, fmt, cfg.reward) for p, o in zip(problems, outs[e * n:(e + 1) * n])]
+            for e in range(len(ctx.experts))]
+
+
+def _sampled(ctx: RunContext, problems: Sequence[Problem], k: int, step: int) -> list[list[list[float]]]:
+    """rewards[e][i]: the rewards of expert e's k samples at temperature 1 on problems[i] (for pass@k)."""
+    cfg, n = ctx.cfg, len(problems)
+    prompts = [ctx.experts.prompt_ids(e, p) for e in range(len(ctx.experts)) for p in problems]
+    outs = ctx.rollout.generate(prompts, SamplingSpec(n=k, temperature=1.0, seed=cfg.seed + 7919 * step,
+                                                      max_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens))
+    return [[[score(p, o.text, cfg.experts.answer_format, cfg.reward).reward
+              for o in outs[(e * n + i) * k:(e * n + i + 1) * k]] for i, p in enumerate(problems)]
+            for e in range(len(ctx.experts))]
+
+
+def evaluate(ctx: RunContext, step: int) -> dict[str, float]:
+    """Collective: greedy (and pass@k) on the held-out test problems through the rollout engine, and greedy on the
+    dev problems when the run has any (``eval/dev/<expert>/accuracy``); logged as stage eval. Also writes
+    <run_dir>/eval/step_<step>.jsonl (per-problem greedy rewards; step_<step>.dev.jsonl for the dev problems) and
+    the step's samples."""
+    cfg, ids = ctx.cfg, ctx.experts.ids
+    problems = ctx.eval_problems[: cfg.eval.max_problems or None] or ctx.train_problems[: cfg.eval.max_problems]
+    shard, dev = problems[ctx.dp_rank::ctx.dp_size], ctx.dev_problems[ctx.dp_rank::ctx.dp_size]
+    t0 = time.perf_counter()
+    both = _greedy(ctx, [*shard, *dev])  # one generation for test and dev
+    results, dev_results = [r[: len(shard)] for r in both], [r[len(shard):] for r in both]
+    sampled = _sampled(ctx, shard, cfg.eval.pass_k, step) if cfg.eval.pass_k else None
     bench = cfg.data.source
     greedy = [[r.score.reward for r in mine] for mine in results]
-    metrics = accuracy_metrics(shard, experts.ids, greedy, sampled, bench)
+    metrics = {"eval/num_problems": float(len(shard))} | accuracy_metrics(shard, ids, greedy, sampled, bench)
+    if ctx.dev_problems:
+        dev_greedy = [[r.score.reward for r in mine] for mine in dev_results]
+        metrics |= {"eval/num_dev_problems": float(len(dev))} | accuracy_metrics(dev, ids, dev_greedy, None, "dev")
     styles = STYLE_READERS.get(bench)
-    metrics = metrics | readout_metrics(experts.ids, results, bench, styles)
+    metrics = metrics | readout_metrics(ids, results, bench, styles)
     metrics["timing/eval"] = time.perf_counter() - t0
     metrics = reduce_across_ranks(metrics)
     ctx.logger.log(step, metrics, stage="eval")
     record_eval(ctx, step, bench, shard, results)
+    if ctx.dev_problems:
+        record_eval(ctx, step, bench, dev, dev_results, split="dev")
     if ctx.is_writer:
-        cols = [f"{eid}={metrics[f'eval/{bench}/{eid}/accuracy']:.3f}" for eid in experts.ids]
+        cols = [f"{eid}={metrics[f'eval/{bench}/{eid}/accuracy']:.3f}" for eid in ids]
+        dev_cols = [f"{eid}={metrics[f'eval/dev/{eid}/accuracy']:.3f}" for eid in ids] if ctx.dev_problems else []
         print(f"[eval] step {step} {bench} greedy accuracy on {metrics['eval/num_problems']:.0f} problems: "
-              + " ".join(cols) + f" ({metrics['timing/eval']:.0f} s)", flush=True)
+              + " ".join(cols) + (" | dev: " + " ".join(dev_cols) if dev_cols else "")
+              + f" ({metrics['timing/eval']:.0f} s)", flush=True)
     return metrics
 
 

@@ -172,7 +172,7 @@ def calibration_sequences(cfg: MemlConfig, n: int) -> list[list[int]]:
     (experts in turn), cut to the model's positions."""
     try:
         experts = build_experts(cfg)
-        problems, _ = load_data(cfg)
+        problems = load_data(cfg).train
     except (UserError, FileNotFoundError) as e:
         raise ExportError(f"FP8 calibration reads the run's training data and tokenizer: {e}") from None
     limit = arch_from_model_config(cfg.model).max_position_embeddings

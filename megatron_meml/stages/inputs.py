@@ -1,4 +1,4 @@
-"""A run's inputs that need no model: thread count, tokenizer and experts, train and held-out problems (``meml
+"""A run's inputs that need no model: thread count, tokenizer and experts, train, test and dev problems (``meml
 export`` and ``meml traces`` read them without building Megatron)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from megatron_meml.config import MemlConfig
 from megatron_meml.data.loaders import load_splits
 from megatron_meml.errors import RunError
 from megatron_meml.experts.expert_set import ExpertSet, synthetic_expert_set
-from megatron_meml.types import Problem
+from megatron_meml.types import ProblemSplits
 
 
 def setup_threads(cfg: MemlConfig) -> None:
@@ -34,8 +34,9 @@ def build_experts(cfg: MemlConfig) -> ExpertSet:
     return ExpertSet.from_config(cfg.experts, k, tok)
 
 
-def load_data(cfg: MemlConfig) -> tuple[list[Problem], list[Problem]]:
-    train, held_out = load_splits(cfg.data, cfg.seed if cfg.data.seed is None else cfg.data.seed)
-    if not train:
+def load_data(cfg: MemlConfig) -> ProblemSplits:
+    """The run's train, test and dev problems (``data.seed``, else the global ``seed``)."""
+    splits = load_splits(cfg.data, cfg.seed if cfg.data.seed is None else cfg.data.seed)
+    if not splits.train:
         raise RunError(f"no training problems loaded from data.source={cfg.data.source} path={cfg.data.path}")
-    return train, held_out
+    return splits

@@ -176,7 +176,7 @@ def plan_traces(cfg: MemlConfig) -> TracesPlan:
             raise TracesError(f"the teacher's context ({positions} tokens, {teacher}/config.json) has no room "
                               f"for prompts with max_new_tokens={budget}; lower traces.max_new_tokens")
         prompt_limit = min(prompt_limit, positions - budget)
-    problems = load_data(cfg)[0][: cfg.traces.max_problems or None]
+    problems = load_data(cfg).train[: cfg.traces.max_problems or None]
     out_dir = Path(cfg.traces.out_dir) if cfg.traces.out_dir else Path(cfg.output_dir) / cfg.run_name / "traces"
     return TracesPlan(teacher=teacher, out_dir=out_dir, experts=experts, chosen=chosen,
                       problems=problems, budget=budget, prompt_limit=prompt_limit,

@@ -57,6 +57,6 @@ def test_dynamic_sampling_fills_the_batch_on_the_real_model(tmp_path):
     from megatron_meml.config import load_config
     from megatron_meml.stages.inputs import load_data
 
-    level = {p.id: p.meta["level"] for p in load_data(load_config(RECIPE, overrides))[0]}
+    level = {p.id: p.meta["level"] for p in load_data(load_config(RECIPE, overrides)).train}
     store = [json.loads(x) for f in (run / "hard_examples").glob("gen-*.jsonl") for x in f.read_text().splitlines()]
     assert any(level[e["problem_id"]] == 6 for e in store), "no level-6 (filtered) question reached the store"

@@ -185,7 +185,7 @@ def test_printed_overrides_feed_meml_sft(setup):
     cfg = load_config(setup["recipe"], overrides)
     summary = json.loads((setup["full"] / "summary.json").read_text())
     experts = ExpertSet.from_config(cfg.experts, 3, AutoTokenizer.from_pretrained(cfg.model.hf_path))
-    problems = load_splits(cfg.data, cfg.seed)[0]
+    problems = load_splits(cfg.data, cfg.seed).train
     rows, reports = experts.mef_examples(problems)
     for r in reports:
         assert r.traces == summary["experts"][r.expert_id]["traces_kept"]

@@ -68,7 +68,7 @@ def test_traces_default_pins_the_problems_over_seeds(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "_meml", lambda argv, log, recipes: calls.append(argv))
     monkeypatch.setattr(compare, "_final_eval", lambda run_dir, e0: {"acc_expert0": 0.0, "acc_best_expert": 0.0})
     monkeypatch.setattr(compare, "trace_overrides", lambda d: ["experts.teacher_traces.expert1=t.jsonl"])
-    monkeypatch.setattr(compare, "write_compare_table", lambda rows, root: None)
+    monkeypatch.setattr(compare, "write_compare_table", lambda rows, root, **kw: None)
     assert run_compare(None, [], [1, 2], str(tmp_path / "real"), only=["MEML-GRPO"], default="smollm2") == 0
     assert [a[0] for a in calls] == ["traces", "sft", "eval", "train", "sft", "eval", "train"]
     assert all("data.seed=1234" in a for a in calls)
@@ -84,7 +84,8 @@ def test_data_seed_fixes_the_problems_not_the_run():
 
     def ids(*over):
         cfg = load_config(RECIPES / "smollm2-wordmath.yaml", list(over))
-        train, val = load_data(cfg)
+        splits = load_data(cfg)
+        train, val = splits.train, splits.test
         return [p.id for p in train[:50]], [p.id for p in val]
 
     assert ids("seed=1", "data.seed=7") == ids("seed=2", "data.seed=7")

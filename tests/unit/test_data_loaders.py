@@ -165,19 +165,42 @@ def test_split_is_exact_disjoint_deterministic_and_order_free():
 
 def test_load_splits_from_config(tmp_path, shared_data):
     cfg = DataConfig(source="gsm8k", path=str(shared_data / "gsm8k/test.jsonl"), val_fraction=0.25, max_problems=50)
-    train, val = load_splits(cfg, seed=0)
+    splits = load_splits(cfg, seed=0)
+    train, val = splits.train, splits.test
     assert len(train) == 50 and len(val) == round(1319 * 0.25)
     cfg2 = DataConfig(source="gsm8k", path=str(shared_data / "gsm8k/train.jsonl"),
                       eval_path=str(shared_data / "gsm8k/test.jsonl"))
-    train2, val2 = load_splits(cfg2, seed=0)
+    splits2 = load_splits(cfg2, seed=0)
+    train2, val2 = splits2.train, splits2.test
     assert (len(train2), len(val2)) == (7473, 1319)
     assert val2[0].id == "gsm8k/test/0"
+
+
+def test_dev_slice_of_the_held_out_problems(shared_data):
+    """Sources without a stream of their own take the dev problems out of the held-out split: by a hash of (seed,
+    id), so the slice is the same whatever the row order, and no problem is in two splits."""
+    kw = dict(source="gsm8k", path=str(shared_data / "gsm8k/test.jsonl"), val_fraction=0.25)
+    plain = load_splits(DataConfig(**kw), seed=0)
+    split = load_splits(DataConfig(**kw, dev_size=50), seed=0)
+    assert split.train == plain.train and len(split.dev) == 50 and len(split.test) == len(plain.test) - 50
+    ids = [{p.id for p in part} for part in (split.train, split.test, split.dev)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert ids[1] | ids[2] == {p.id for p in plain.test}
+    assert [p.id for p in split.test] == [p.id for p in plain.test if p.id in ids[1]]  # order kept
+    assert load_splits(DataConfig(**kw, dev_size=50), seed=0) == split
+    from megatron_meml.data.loaders import dev_slice
+
+    assert {p.id for p in dev_slice(plain.test[::-1], 50, seed=0)[1]} == ids[2]
+    assert {p.id for p in dev_slice(plain.test, 50, seed=1)[1]} != ids[2]
+    with pytest.raises(DataError, match="data.dev_size=330 leaves no test problems"):
+        load_splits(DataConfig(**kw, dev_size=330), seed=0)
 
 
 @pytest.mark.parametrize("kwargs,field", [
     ({"source": "csv"}, "data.source"), ({"val_fraction": 1.0}, "data.val_fraction"),
     ({"synthetic_levels": [1, 2], "synthetic_weights": [1.0]}, "data.synthetic_levels"),
     ({"synthetic_levels": [0], "synthetic_weights": [1.0]}, "data.synthetic_levels"),
+    ({"dev_size": -1}, "data.dev_size"),
     ({"synthetic_weights": [0.0, 0.0, 0.0]}, "data.synthetic_weights"),
     ({"synthetic_ops": ["div"]}, "data.synthetic_ops"), ({"synthetic_size": 0}, "data.synthetic_size"),
     ({"max_problems": 0}, "data.max_problems"),

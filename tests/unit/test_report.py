@@ -11,8 +11,8 @@ from megatron_meml.cli import main
 from megatron_meml.errors import RunError
 from megatron_meml.reporting.config import LoggingConfig
 from megatron_meml.reporting.metrics import MetricsLogger
-from megatron_meml.reporting.report import (centred_mean, compare_stats, final_eval, paired_differences,
-                                            smoothing_window, write_compare_table, write_report)
+from megatron_meml.reporting.compare_tables import compare_stats, paired_differences, write_compare_table
+from megatron_meml.reporting.report import centred_mean, final_eval, smoothing_window, write_report
 from megatron_meml.reporting.samples import EvalProblem, Sample, eval_file, write_eval_problems
 from megatron_meml.reporting.tables import latest_samples, oracle_accuracy, pair_counts, solved_matrix
 

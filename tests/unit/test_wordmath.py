@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from megatron_meml.data import DataConfig
+from megatron_meml.data import DataConfig, DataError
 from megatron_meml.data.loaders import load_problems, load_splits
 from megatron_meml.data.wordmath import LEVELS, STEPS, generate_problems, make_problem
 from megatron_meml.rewards.extract import format_answer
@@ -71,11 +71,32 @@ def test_mixture_unique_and_deterministic():
 def test_splits_disjoint_and_sized():
     cfg = DataConfig(source="wordmath", synthetic_levels=[1, 2], synthetic_weights=[1.0, 1.0], synthetic_size=300,
                      val_fraction=0.2)
-    train, val = load_splits(cfg, seed=1)
+    splits = load_splits(cfg, seed=1)
+    train, val = splits.train, splits.test
     assert (len(train), len(val)) == (240, 60)
     assert not {p.question for p in train} & {p.question for p in val}
     assert {p.id.split("/")[1] for p in train} == {"train"} and {p.id.split("/")[1] for p in val} == {"validation"}
     assert load_problems("wordmath", config=cfg, seed=1)[0].source == "wordmath"
+
+
+def test_dev_split_is_apart_from_train_and_test_and_deterministic():
+    """data.dev_size draws validation problems of the held-out levels from their own stream: no question text in
+    two splits, the same problems on every call, and the test problems exactly as without a dev split."""
+    kw = dict(source="wordmath", synthetic_levels=[1, 2, 3, 4], synthetic_weights=[1.0] * 4, synthetic_size=400,
+              val_fraction=0.25, eval_levels=[5, 6, 7])
+    plain, with_dev = load_splits(DataConfig(**kw), seed=3), load_splits(DataConfig(**kw, dev_size=60), seed=3)
+    assert plain.dev == [] and len(with_dev.dev) == 60 and len(with_dev.test) == 100
+    assert len(with_dev.train) == 400 - 100 - 60
+    texts = [{p.question for p in part} for part in (with_dev.train, with_dev.test, with_dev.dev)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert Counter(p.meta["level"] for p in with_dev.dev) == {5: 20, 6: 20, 7: 20}
+    assert {p.id.split("/")[1] for p in with_dev.dev} == {"dev"}
+    assert with_dev.test == plain.test  # adding a dev split leaves the test problems alone
+    assert load_splits(DataConfig(**kw, dev_size=60), seed=3) == with_dev
+    assert [p.question for p in load_splits(DataConfig(**kw, dev_size=60), seed=4).dev] != [
+        p.question for p in with_dev.dev]
+    with pytest.raises(DataError, match="data.dev_size=300"):
+        load_splits(DataConfig(**kw, dev_size=300), seed=3)
 
 
 def test_ids_name_the_question():
