@@ -8,7 +8,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl megatron-core==0.16.1
+#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl megatron-core==0.19.2
 # (its requirements, numpy, packaging and torch, are already on the machine). Then run, through the device tool:
 #   command "bash bench/gpu_check.sh", carry [".whl"], kind nvidia-h200 (the 1.5B local-spec baseline (b) may not
 #   fit an H100's 78 GiB), timeout_s 560.
