@@ -91,7 +91,7 @@ def save_checkpoint(root: Path, step: int, state: TrainState, run_state: dict[st
         atomic_write(partial / AHEAD_DIR / f"rank{_rank():05d}.json", json.dumps(ahead).encode())
     if _rank() == 0:
         rs = dict(run_state, step=step, with_optimizer=with_optimizer, adam_step=adam_step(state.optimizer),
-                  megatron_core=_mcore_version())
+                  megatron_core=megatron_core_release())
         (partial / RUN_STATE).write_text(json.dumps(rs))
     _barrier()
     if _rank() == 0:
@@ -153,10 +153,12 @@ def _restore_adam_step(optimizer: Any, step: float) -> None:
             st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
-def _mcore_version() -> str:
+def megatron_core_release() -> str:
+    """The installed megatron-core release as pip names it ("0.19.2"). Its ``__version__`` appends the short commit
+    of any git repository it is installed inside ("0.19.2+9104fc0" in a repository's .venv); that part goes."""
     from megatron.core import __version__
 
-    return str(__version__)
+    return str(__version__).split("+", 1)[0]
 
 
 def _cause(err: BaseException, limit: int = 300) -> str:
@@ -175,7 +177,7 @@ def _load_failure(path: Path, run_state: dict[str, Any], state: TrainState, want
     the training so far."""
     from megatron.core import dist_checkpointing
 
-    saved, installed = run_state.get("megatron_core", UNRECORDED_MCORE), _mcore_version()
+    saved, installed = run_state.get("megatron_core", UNRECORDED_MCORE), megatron_core_release()
     fixes = []
     if saved == installed:
         head = f"checkpoint '{path}' does not load ({_cause(err)})"

@@ -1,5 +1,5 @@
-"""The Dockerfile's pins agree with pyproject.toml and bench/gpu_check.sh (one megatron-core release, one vLLM line on CPU
-and GPU), its base is a pinned NGC PyTorch tag, and it ends in `meml`."""
+"""The Dockerfile's pins agree with pyproject.toml and bench/gpu_check.sh (one megatron-core release, one vLLM line
+on CPU and GPU), its base is a pinned NGC PyTorch tag, and it ends in `meml`."""
 from __future__ import annotations
 
 import json
