@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check for issue 10, for a lent GPU machine: installs the carried wheels, runs the `gpu` tests,
+# The GPU check, for a GPU machine without this project installed: installs the carried wheels, runs the `gpu` tests,
 # then bench/train_throughput.py at the Qwen2.5-1.5B and 0.5B shapes; finishes within 8 minutes (BUDGET_S).
 # Results land in $OUT: env.txt, nvidia-smi.txt, gpu_tests.log, throughput.log, throughput.json.
 #
@@ -8,7 +8,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl megatron-core==0.16.1
+#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl megatron-core==0.19.2
 # (its requirements, numpy, packaging and torch, are already on the machine). Then run, through the device tool:
 #   command "bash bench/gpu_check.sh", carry [".whl"], kind nvidia-h200 (the 1.5B local-spec baseline (b) may not
 #   fit an H100's 78 GiB), timeout_s 560.

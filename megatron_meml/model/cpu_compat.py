@@ -10,6 +10,9 @@ Megatron-Core assumes CUDA in a handful of places. This module redirects exactly
 * ``torch.cuda.current_device()`` -> ``"cpu"`` (used as a ``device=`` argument when allocating buffers);
 * CUDA RNG get/set (torch.cuda and Megatron's ``tensor_parallel.random`` helpers) -> the CPU generator;
 * ``torch.cuda.synchronize`` / ``empty_cache`` -> no-ops;
+* ``torch.cuda.current_stream()`` -> torch's CPU stream (``torch.cpu.current_stream()``, whose ``wait_event`` /
+  ``wait_stream`` do nothing): megatron-core's DDP grad sync (``param_and_grad_buffer.start_grad_sync``) asks for
+  the current stream to wait on CUDA-graph events, which a CPU run never records;
 * tensor factories called with ``device="cuda"`` inside ``pipeline_parallel.schedules``, ``optimizer.optimizer``,
   ``optimizer.clip_grads``, ``megatron.core.utils`` -> CPU (a proxy of the ``torch`` module in those modules only);
 * ``Tensor.type()`` reports ``torch.cuda.*`` names for CPU tensors (optimizer asserts compare those strings);
@@ -71,6 +74,7 @@ def install_cpu_shim() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda *a, **k: None
+    torch.cuda.current_stream = lambda *a, **k: torch.cpu.current_stream()
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)

