@@ -69,7 +69,7 @@ def run_demo(recipe_dir: Optional[str], overrides: list[str], default: str = "sm
     dtype = for_this_machine(riel_cfg).model.dtype
     print(f"[demo] {d.name}: {d.what}; model.dtype={dtype}. Everything the stages print goes to {log}", flush=True)
     t0 = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as log_file:
+    with open(log, "w", encoding="utf-8", buffering=1) as log_file:  # line-buffered: `tail -f` follows it
         for i, stage in enumerate(plan.stages, start=1):
             print(f"[demo {i}/{len(plan.stages)}] {stage.name} ...", flush=True)
             t = time.perf_counter()
