@@ -20,6 +20,10 @@ class ExpertsConfig:
     ids: List[str] = field(default_factory=lambda: ["synth_direct", "synth_steps", "synth_columns"])
     """Expert ids; each has a prompt file <prompt_dir>/<id>.txt. The first is the ground-truth-style expert.
     An id synth_<style> writes the synthetic family's gold work in that style (direct, steps, columns)."""
+    prompt_set: str = "experts"
+    """A packaged set of prompt files: megatron_meml/recipes/prompts/<prompt_set>/<id>.txt (experts: the paper's
+    long expert descriptions; short: one sentence each, for the CPU defaults whose experts learn their style in
+    MEF). ``prompt_dir`` wins over it."""
     prompt_dir: Optional[str] = None
     """Directory of prompt files; None: the packaged ones (megatron_meml/recipes/prompts/experts)."""
     answer_format: str = "hash"
@@ -47,6 +51,8 @@ class ExpertsConfig:
             raise ValueError(f"experts.ids has duplicates: {self.ids}")
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"experts.answer_format must be one of {ANSWER_FORMATS}, got '{self.answer_format}'")
+        if not self.prompt_set or "/" in self.prompt_set or self.prompt_set.startswith("."):
+            raise ValueError(f"experts.prompt_set must name a packaged prompt folder, got '{self.prompt_set}'")
         if self.chat_template not in ("auto", "plain"):
             raise ValueError(f"experts.chat_template must be auto or plain, got '{self.chat_template}'")
         unknown = set(self.teacher_traces) - set(self.ids)

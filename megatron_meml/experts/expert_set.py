@@ -23,8 +23,10 @@ from megatron_meml.types import KINDS, Problem
 
 log = logging.getLogger(__name__)
 
-PACKAGE_PROMPT_DIR = Path(__file__).resolve().parents[1] / "recipes" / "prompts" / "experts"
-"""The packaged prompt files (megatron_meml/recipes/prompts/experts; the repository's recipes/ links there)."""
+PACKAGE_PROMPTS = Path(__file__).resolve().parents[1] / "recipes" / "prompts"
+"""The packaged prompt sets (megatron_meml/recipes/prompts/<set>; the repository's recipes/ links there)."""
+PACKAGE_PROMPT_DIR = PACKAGE_PROMPTS / "experts"
+"""The default set: the paper's experts and the synthetic family's."""
 SYNTH_PREFIX = "synth_"
 _WHAT = {"math": "the final answer", "choice": "the option letter", "bool": "yes or no"}
 _INSTRUCTIONS = {
@@ -58,7 +60,11 @@ def load_experts(cfg: ExpertsConfig, num_experts: int) -> tuple[Expert, ...]:
     """The first ``num_experts`` of ``cfg.ids`` with their prompt files read from ``cfg.prompt_dir``."""
     if num_experts > len(cfg.ids):
         raise ValueError(f"algo.num_experts={num_experts} but experts.ids names only {len(cfg.ids)}: {cfg.ids}")
-    folder = Path(cfg.prompt_dir) if cfg.prompt_dir is not None else PACKAGE_PROMPT_DIR
+    folder = Path(cfg.prompt_dir) if cfg.prompt_dir is not None else PACKAGE_PROMPTS / cfg.prompt_set
+    if not folder.is_dir():
+        sets = sorted(p.name for p in PACKAGE_PROMPTS.iterdir() if p.is_dir())
+        raise ValueError(f"experts: prompt folder {folder} does not exist" + (
+            "" if cfg.prompt_dir is not None else f" (experts.prompt_set: one of {sets})"))
     experts = []
     for i, eid in enumerate(cfg.ids[:num_experts]):
         path = folder / f"{eid}.txt"

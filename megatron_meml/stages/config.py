@@ -94,7 +94,8 @@ class CheckpointConfig:
     """When and where checkpoints are written, and what to resume from."""
 
     save_every: int = 50
-    """Save every N steps (0: only at the end and on SIGTERM)."""
+    """Save a resumable checkpoint every N steps and at the end of RIEL (0: only on SIGTERM/SIGUSR1). The trained
+    model (final_model/) is written at the end either way."""
     keep_last: int = 2
     """How many step checkpoints to keep."""
     resume: str = "auto"

@@ -293,7 +293,7 @@ def run_train(cfg: MemlConfig) -> Path:
             evaluate(ctx, s)
 
     last, _ = run_steps(ctx, stage="train", start=resume.step, total=cfg.train.steps, step=step,
-                        checkpoint=checkpoint, checkpoint_at_end=True, finished=lambda: rs.budget_spent,
+                        checkpoint=checkpoint, checkpoint_at_end=cfg.checkpoint.save_every > 0, finished=lambda: rs.budget_spent,
                         after_step=after_step)
     if last >= cfg.train.steps or rs.budget_spent:
         save_model_weights(ctx.paths.final_model, ctx.state.model)

@@ -196,3 +196,15 @@ def test_styled_experts_learn_every_problem_in_their_own_style():
     bad = ExpertsConfig(ids=["expert0", "expert1"], answer_format="the_answer_is", styles={"expert1": "haiku"})
     with pytest.raises(DataError, match="expert 'expert1' writes style 'haiku'.*'plain', 'plan', 'r1'"):
         ExpertSet.from_config(bad, 2, tok).mef_examples(problems)
+
+
+def test_prompt_sets():
+    """experts.prompt_set picks a packaged folder of prompt files; an unknown set names the ones there."""
+    short = load_experts(ExpertsConfig(ids=["expert0", "expert1", "expert2"], prompt_set="short"), 3)
+    long = load_experts(PAPER, 3)
+    assert [e.prompt.split(".")[0] for e in short] == [e.prompt.split(",")[0].split(".")[0] for e in long]
+    assert all(len(s.prompt) < len(x.prompt) for s, x in zip(short, long))
+    with pytest.raises(ValueError, match=r"prompt_set: one of \['experts', 'short'\]"):
+        load_experts(ExpertsConfig(ids=["expert0"], prompt_set="nope"), 1)
+    with pytest.raises(ValueError, match="must name a packaged prompt folder"):
+        ExpertsConfig(prompt_set="../x")
