@@ -114,7 +114,8 @@ def plan_demo(d: EmbeddedDefault, mef: Path, riel: Path, mef_cfg: MemlConfig, ri
     stages = [Stage("model", d.expected_s.get("model", 0.0), run=lambda: ensure_model(riel_cfg))]
     riel_step = riel_cfg.train.steps
     if d.traces == "rendered":
-        sft = Stage("MEF, with the base and MEF models evaluated", d.expected_s.get("mef", 0.0),
+        sft = Stage("MEF on each expert's gold work in its own style, the base and MEF models evaluated",
+                    d.expected_s.get("mef", 0.0),
                     argv=lambda: ["sft", str(mef), *common, "eval.at_start=true"])
         evals = [EvalPoint("base", m.root, 0), EvalPoint("after MEF", m.root, mef_cfg.train.sft_steps),
                  EvalPoint("after RIEL", r.root, riel_step)]

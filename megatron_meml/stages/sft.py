@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from pathlib import Path
 
 from megatron_meml.config import MemlConfig
@@ -26,6 +27,11 @@ def run_sft(cfg: MemlConfig) -> Path:
     examples, _ = ctx.experts.mef_examples(ctx.train_problems)
     if not examples:
         raise DataError("MEF: no SFT examples (no gold solutions or teacher traces for any expert)")
+    if ctx.is_writer:
+        counts = Counter(x.expert for x in examples)
+        print("[sft] MEF rows: " + ", ".join(
+            f"{e.id} {counts[e.index]} ({e.style + ' style' if e.style else 'gold' if e.index == 0 else 'traces'})"
+            for e in ctx.experts.experts), flush=True)
     sampler = ProblemSampler(examples, seed=cfg.seed, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
     if resume.path:
         rs = load_checkpoint(resume.path, ctx.state)

@@ -32,7 +32,7 @@ def test_main_default_is_the_styled_real_model(tmp_path):
     d, plan = _plan(next(iter(DEFAULTS)), tmp_path)
     assert d.name == "smollm2-styles" and d.traces == "rendered"
     argvs = _argvs(plan, tmp_path)
-    assert [s.name.split(",")[0] for s in plan.stages] == ["model", "MEF", "RIEL"]
+    assert [s.name.split()[0] for s in plan.stages] == ["model", "MEF", "RIEL"]
     assert [a[0] for a in argvs] == ["sft", "train"]
     assert "eval.at_start=true" in argvs[0] and all("seed=3" in a for a in argvs)
     assert f"model.megatron_path={tmp_path / 'smollm2-styles-mef' / 'final_model'}" in argvs[1]
