@@ -25,7 +25,7 @@ bit on the CI host)."""
 def _resume_old(rank, world, ckpt):
     from importlib.metadata import version
 
-    from megatron_meml.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_meml.training.checkpoint import load_checkpoint, save_checkpoint
     from tests.megatron_models import init_parallel
 
     expected = torch.load(FIXTURE / "expected.pt", weights_only=True)
@@ -62,7 +62,8 @@ def _unloadable(rank, world, ckpt, release, distributed_optimizer, weights_load)
     """Load ``ckpt`` (``release``: the megatron-core it names, or None) and check the one-line message."""
     from dataclasses import replace
 
-    from megatron_meml.checkpoint import CheckpointError, load_checkpoint, load_model_weights, megatron_core_release
+    from megatron_meml.errors import CheckpointError
+    from megatron_meml.training.checkpoint import load_checkpoint, load_model_weights, megatron_core_release
     from megatron_meml.model.arch import arch_from_model_config
     from megatron_meml.model.config import ModelConfig
     from megatron_meml.training.config import TrainConfig
