@@ -41,7 +41,7 @@ WORKDIR /opt/megatron-meml
 COPY pyproject.toml README.md ./
 COPY megatron_meml ./megatron_meml
 COPY checkpoints_convert ./checkpoints_convert
-COPY recipes ./recipes
+# the recipes and expert prompts are package data (megatron_meml/recipes): `meml train NAME` finds them by name
 COPY launch ./launch
 RUN pip install --no-build-isolation . && \
     python -c "import megatron.core, transformer_engine, vllm, modelopt, math_verify, megatron_meml; print('meml image ok')"

@@ -154,7 +154,7 @@ def _earlier_on_same_recipes(root: Path, stamp: dict[str, str], name: str) -> Op
 
 def _with_earlier_rows(root: Path, stamp: dict[str, str], rows: list[dict]) -> list[dict]:
     """The rows of earlier compares in ``root`` on the same recipe files (their finished runs), with this
-    compare's rows in place of the same (variant, seed) and after them: so ``--seeds 1`` today and ``--seeds 2,3``
+    compare's rows in place of the same (variant, seed) and after them: so ``--seeds 1`` one day and ``--seeds 2,3``
     tomorrow give one table over three seeds. Rows of other recipe files are left out."""
     old = _earlier_on_same_recipes(root, stamp, "compare_rows.json")
     if old is None:
