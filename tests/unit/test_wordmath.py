@@ -34,19 +34,22 @@ def test_gold_solutions_are_right(level):
         assert set(re.findall(r"\d+", p.question)) <= used, (p.question, p.solution)
 
 
+class Fixed(random.Random):
+    """Draws the given integers in order and always the first choice (Mia, apples, boxes, a friend)."""
+
+    def __init__(self, *ints: int):
+        super().__init__(0)
+        self.ints = list(ints)
+
+    def randint(self, a, b):  # noqa: ARG002
+        return self.ints.pop(0)
+
+    def choice(self, seq):
+        return seq[0]
+
+
 def test_hand_worked_level5():
-    class Fixed(random.Random):
-        def __init__(self):
-            super().__init__(0)
-            self.ints = [20, 7, 4]
-
-        def randint(self, a, b):  # noqa: ARG002
-            return self.ints.pop(0)
-
-        def choice(self, seq):
-            return seq[0]
-
-    p = make_problem(5, Fixed(), "x")
+    p = make_problem(5, Fixed(20, 7, 4), "x")
     assert p.question == ("Mia has 20 apples. She buys 7 more and then gives 4 to a friend. "
                           "How many apples does Mia have now?")
     assert p.solution == "After buying 7 more, Mia has 20 + 7 = 27 apples. After giving away 4, she has 27 - 4 = 23 apples."
@@ -148,18 +151,7 @@ def test_every_style_is_right_and_ends_on_the_answer(level):
 
 
 def test_hand_worked_styles_level6():
-    class Fixed(random.Random):
-        def __init__(self):
-            super().__init__(0)
-            self.ints = [3, 4, 5]
-
-        def randint(self, a, b):  # noqa: ARG002
-            return self.ints.pop(0)
-
-        def choice(self, seq):
-            return seq[0]
-
-    sol = make_problem(6, Fixed(), "x").meta["solutions"]
+    sol = make_problem(6, Fixed(3, 4, 5), "x").meta["solutions"]
     assert sol["r1"] == ("We need the apples Mia has altogether.\n"
                          "Step 1: 3 * 4 = 12 in the boxes. Check: 12 / 4 = 3.\n"
                          "Step 2: 12 + 5 = 17 with the 5 loose ones. Check: 17 - 5 = 12.")
