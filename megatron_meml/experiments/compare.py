@@ -62,7 +62,7 @@ RL_VARIANTS = {
     # transferred or hard-example token weighing lambda times a sampled one, the mutual levers as the paper states.
     "MEML-GRPO-paper-norm": [*PAPER_MUTUAL, "algo.advantage=paper", "algo.policy_loss=paper_pg",
                              "algo.aggregation=token_mean", "algo.pg_normaliser=all", "algo.aux_normaliser=policy",
-                             "algo.sft_aggregation=token_mean"],
+                             "algo.sft_aggregation=token_mean", "algo.lambda_kl=1.0", "algo.lambda_sft=1.0"],
 }
 SFT_VARIANTS = {"Expert0-SFT": ["algo.num_experts=1"], "MoE-SFT": []}
 DAPO = ["algo.mutual_learning=false", "hard_examples.enabled=false", "algo.advantage=grpo", "algo.policy_loss=clipped",
