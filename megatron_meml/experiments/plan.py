@@ -4,10 +4,11 @@ What is exact and what is an estimate:
 
 * Parameters per rank, the gradient buffer (fp32, padded as Megatron's ``ParamAndGradBuffer`` pads it for the
   distributed optimizer) and the optimizer state per rank (Adam's two fp32 moments, plus fp32 main params when
-  the model is 16-bit, over this rank's shard of each bucket) follow Megatron-Core 0.16's layout rules and are
-  compared element for element with a real model in ``tests/distributed/test_plan_measured.py``. The parameter
-  order is the local layer spec's; Transformer Engine orders a layer's parameters differently, which moves only
-  the 64-element alignment padding (under 64 elements per tensor).
+  the model is 16-bit, over this rank's shard of each bucket) follow Megatron-Core's layout rules (0.16.1 and
+  0.19.2 alike) and are compared element for element with a real model in
+  ``tests/distributed/test_plan_measured.py``. The parameter order is the local layer spec's; Transformer Engine
+  orders a layer's parameters differently, which moves only the 64-element alignment padding (under 64 elements
+  per tensor).
 * Activations, logits, the FP8 weight cache, the vLLM engine overhead and the CUDA/NCCL runtime are estimates
   (stated formulas and constants below); treat a headroom under ~10% as "will probably not fit".
 
@@ -201,10 +202,10 @@ def chunk_params(arch: ArchSpec, tp: int, pp: int, vpp: int | None, stage: int, 
 def buffer_shards(params: list[Param], dp: int, distributed_optimizer: bool = True) -> tuple[int, list[int]]:
     """(padded buffer elements, optimizer-shard elements of each DP rank) for one DDP-wrapped chunk.
 
-    Megatron-Core 0.16 ``ParamAndGradBuffer`` with ``overlap_grad_reduce=False`` (one bucket, except that a tied
-    embedding copied across stages gets its own): parameters go in reverse order, each starts at a multiple of
-    64 elements, each bucket ends at a multiple of lcm(dp, 128); DP rank r owns the r-th of dp equal slices of
-    every bucket. Without the distributed optimizer there is no padding and every rank holds all elements.
+    Megatron-Core's ``ParamAndGradBuffer`` (0.16.1 and 0.19.2) with ``overlap_grad_reduce=False`` (one bucket,
+    except that a tied embedding copied across stages gets its own): parameters go in reverse order, each starts at
+    a multiple of 64 elements, each bucket ends at a multiple of lcm(dp, 128); DP rank r owns the r-th of dp equal
+    slices of every bucket. Without the distributed optimizer there is no padding and every rank holds all elements.
     """
     if not distributed_optimizer:
         n = sum(p.numel for p in params)
