@@ -63,9 +63,9 @@ def _unloadable(rank, world, ckpt, release, distributed_optimizer, weights_load)
     from dataclasses import replace
 
     from megatron_meml.errors import CheckpointError
-    from megatron_meml.training.checkpoint import load_checkpoint, load_model_weights, megatron_core_release
     from megatron_meml.model.arch import arch_from_model_config
     from megatron_meml.model.config import ModelConfig
+    from megatron_meml.training.checkpoint import load_checkpoint, load_model_weights, megatron_core_release
     from megatron_meml.training.config import TrainConfig
     from megatron_meml.training.setup import setup_training
     from tests.fixtures.make_old_checkpoint import LR, SHAPE
