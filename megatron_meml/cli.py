@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                                                  "--variant rows always run)")
     cp.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's resumable "
                                                                      "checkpoints (default: only its final model)")
+    cp.add_argument("--resume", default=None, metavar="RECORD",
+                    help="a compare_problems.json written by an earlier compare (its record: rows, per-problem data, "
+                         "recipe stamp, overrides), e.g. one kept with the results: its rows join the tables and are "
+                         "not run again, so a compare continues on another machine (same recipe files and overrides "
+                         "only)")
     cp.add_argument("overrides", nargs="*", help="overrides applied to every run, e.g. train.steps=20")
     rp = sub.add_parser("report", help="plots and summary.md of a run directory (written to RUN_DIR/report/)")
     rp.add_argument("run_dir", metavar="RUN_DIR")
@@ -117,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_compare(args.recipe_dir, args.overrides, [int(x) for x in args.seeds.split(",")], args.out,
                            variants=args.variant, only=args.only.split(",") if args.only else None,
-                           default=args.default, keep_checkpoints=args.keep_checkpoints)
+                           default=args.default, keep_checkpoints=args.keep_checkpoints, resume=args.resume)
     if args.cmd == "demo":
         from megatron_meml.experiments.demo import run_demo
 

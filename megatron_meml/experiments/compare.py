@@ -25,6 +25,11 @@ best-on-dev (the expert best on the dev problems, reported on the test problems;
 highest training reward), each row's test accuracy with a 95% interval, and its paired difference to MoE-SFT-GRPO
 per seed (bootstrap over problems) and pooled over seeds (two-level bootstrap). The logged metrics of every run
 (``_final_eval``) are tabulated too, as mean ± std over seeds.
+
+Finished runs in ``--out`` are reused, and the seeds of earlier compares there gathered into one table. Without the
+run directories (another machine), ``--resume RECORD`` continues from the compare_problems.json an earlier compare
+wrote: it carries the rows, the per-problem data, the recipe stamp and the overrides, so its rows join the table and
+only the missing (row, seed) pairs run (with their seed's MoE-SFT start again, when one is missing).
 """
 from __future__ import annotations
 
@@ -164,6 +169,41 @@ def _with_earlier_rows(root: Path, stamp: dict[str, str], rows: list[dict]) -> l
     return earlier + list(new.values())
 
 
+def _override_map(overrides: Sequence[str]) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in overrides)
+
+
+def _resume(root: Path, record: Path, stamp: dict[str, str], overrides: list[str]) -> set[tuple[str, int]]:
+    """Continue a compare from its record (the compare_problems.json a compare writes, with its rows, recipe stamp
+    and overrides: the file to keep, e.g. committed next to the results, when the run directories are gone): checks
+    it was made on the same recipe files with the same overrides, adds its rows and per-problem data to ``root``'s
+    (where ``root`` lacks them) and returns its (variant, seed) pairs, which this compare does not run again."""
+    try:
+        runs, info = read_compare_problems(record)
+    except OSError as e:
+        raise ValueError(f"--resume {record}: {e.strerror}") from None
+    if "rows" not in info or "recipes" not in info or "overrides" not in info:
+        raise ValueError(f"--resume {record}: no rows, recipe stamp or overrides in it (a per-problem file only, "
+                         "not a compare record)")
+    if not _same_recipes(info["recipes"], stamp):
+        raise ValueError(f"--resume {record}: made on other recipe files than the default's current ones; its rows "
+                         "would not be the same experiment")
+    if _override_map(info["overrides"]) != _override_map(overrides):
+        raise ValueError(f"--resume {record}: made with overrides {' '.join(info['overrides']) or '(none)'}, not "
+                         f"{' '.join(overrides) or '(none)'}")
+    here = _earlier_on_same_recipes(root, stamp, "compare_rows.json")
+    rows = json.loads(here.read_text()) if here else []
+    have = {(r["variant"], int(r["seed"])) for r in rows}
+    rows += [r for r in info["rows"] if (r["variant"], int(r["seed"])) not in have]
+    probs = _earlier_on_same_recipes(root, stamp, PROBLEMS_FILE)
+    mine = read_compare_problems(probs)[0] if probs else []
+    have = {(r.variant, r.seed) for r in mine}
+    (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
+    write_compare_problems(root / PROBLEMS_FILE, mine + [r for r in runs if (r.variant, r.seed) not in have])
+    (root / ROWS_STAMP).write_text(json.dumps(stamp))
+    return {(r["variant"], int(r["seed"])) for r in info["rows"]}
+
+
 def _eval_dir(root: Path, variant: str, seed: int) -> Path:
     """Where a row's evaluation ran: the SFT rows' ``meml eval`` run, the RL rows' own run."""
     return root / (f"{variant}-s{seed}-eval" if variant in SFT_VARIANTS else f"{variant}-s{seed}")
@@ -280,17 +320,18 @@ def _select_variants(riel: Path, base, overrides: list[str], variants: list[str]
 
 def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int], out: Optional[str], *,
                 variants: Optional[list[str]] = None, only: Optional[list[str]] = None, default: str = "toy",
-                keep_checkpoints: bool = False) -> int:
+                keep_checkpoints: bool = False, resume: Optional[str] = None) -> int:
     try:
         d, mef, riel = resolve(default, recipe_dir)
         base = load_config(riel, overrides)
         sft_runs, rl = _select_variants(riel, base, overrides, variants or [], only)
+        recipes = recipe_stamp(mef, riel)
+        root = Path(out or Path(base.output_dir) / "compare")
+        root.mkdir(parents=True, exist_ok=True)
+        finished = _resume(root, Path(resume), recipes, overrides) if resume else set()
     except (ConfigError, ValueError) as e:
         print(f"meml compare: {e}", file=sys.stderr)
         return 2
-    recipes = recipe_stamp(mef, riel)
-    root = Path(out or Path(base.output_dir) / "compare")
-    root.mkdir(parents=True, exist_ok=True)
     expert0 = base.experts.ids[0]
     rows = []
     t0 = time.perf_counter()
@@ -300,11 +341,17 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     traces = _traces(mef, [*overrides, *pinned], root, recipes) if teacher else []
     for seed in seeds:
         common = [*overrides, *pinned, f"seed={seed}", f"output_dir={root}", "logging.progress=off"]
+        # a start is needed when some RL row of this seed is not finished in the resumed record
+        start = any((v, seed) not in finished for v in rl)
         for variant, extra in sft_runs.items():
             name = f"{variant}-s{seed}"
+            if (variant, seed) in finished and not (start and variant == "MoE-SFT"):
+                continue
             _meml(["sft", str(mef), *common, f"run_name={name}", "eval.max_problems=0", *traces, *extra],
                   root / f"{name}.log", recipes)
             _drop_checkpoints(root / name, keep_checkpoints)
+            if (variant, seed) in finished:
+                continue  # rerun only as the RL rows' start: its row is the record's
             # evaluated on the RL recipe's held-out problems, like the RL variants (same problems for every row)
             _meml(["eval", str(riel), *common, f"run_name={name}-eval", *extra, "--checkpoint",
                    str(RunPaths(root / name).final_model)], root / f"{name}-eval.log", recipes)
@@ -313,6 +360,8 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
         moe = RunPaths(root / f"MoE-SFT-s{seed}").final_model
         for variant, extra in rl.items():
             name = f"{variant}-s{seed}"
+            if (variant, seed) in finished:
+                continue
             _meml(["train", str(riel), *common, f"run_name={name}", f"model.megatron_path={moe}", *extra],
                   root / f"{name}.log", recipes)
             _drop_checkpoints(root / name, keep_checkpoints)
@@ -321,7 +370,8 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     rows = _with_earlier_rows(root, recipes, rows)
     runs = _gather_runs(root, recipes, rows, base.experts.ids)
     (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
-    write_compare_problems(root / PROBLEMS_FILE, runs)
+    record = {"recipes": recipes, "overrides": overrides, "rows": rows}
+    write_compare_problems(root / PROBLEMS_FILE, runs, record=record)
     (root / ROWS_STAMP).write_text(json.dumps(recipes))
     intervals = compare_intervals(runs) if runs else None
     write_compare_table(rows, root, runs=runs, intervals=intervals)

@@ -141,23 +141,31 @@ def compare_intervals(runs: Sequence[RunProblems], baseline: str = BASELINE, *, 
 
 # ------------------------------------------------------------------------------------------------ the file
 def write_compare_problems(path: Path | str, runs: Sequence[RunProblems], *, baseline: str = BASELINE,
-                           resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> Path:
-    """``{"baseline", "resamples", "bootstrap_seed", "runs": [RunProblems fields ...]}``, one run per line."""
+                           resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                           record: Optional[Mapping[str, object]] = None) -> Path:
+    """``{"baseline", "resamples", "bootstrap_seed", ...record, "runs": [RunProblems fields ...]}``, one run per
+    line. ``record``: what makes the file a compare record that another machine continues (`meml compare
+    --resume`): ``recipes`` (the recipe stamp), ``overrides`` (the compare's own) and ``rows`` (compare_rows.json)."""
     path = Path(path)
     head = json.dumps({"baseline": baseline, "resamples": resamples, "bootstrap_seed": seed})
+    extra = "".join(f', "{k}": {json.dumps(v)}' for k, v in (record or {}).items() if k != "rows")
+    rows = ",\n".join(json.dumps(r) for r in (record or {}).get("rows", []))
+    rows = f', "rows": [\n{rows}\n]' if record and "rows" in record else ""
     body = ",\n".join(json.dumps(dataclasses.asdict(r)) for r in runs)
-    path.write_text(f'{head[:-1]}, "runs": [\n{body}\n]}}\n', encoding="utf-8")
+    path.write_text(f'{head[:-1]}{extra}{rows}, "runs": [\n{body}\n]}}\n', encoding="utf-8")
     return path
 
 
 def read_compare_problems(path: Path | str) -> tuple[list[RunProblems], dict]:
-    """(runs, settings: baseline, resamples, bootstrap_seed) of a compare_problems.json."""
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    """(runs, settings: baseline, resamples, bootstrap_seed, and, in a compare record, recipes, overrides and rows)
+    of a compare_problems.json."""
     try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
         runs = [RunProblems(**r) for r in doc["runs"]]
-    except (KeyError, TypeError) as e:
+        settings = {k: doc[k] for k in ("baseline", "resamples", "bootstrap_seed")}
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a compare_problems.json ({e})") from None
-    return runs, {k: doc[k] for k in ("baseline", "resamples", "bootstrap_seed")}
+    return runs, settings | {k: doc[k] for k in ("recipes", "overrides", "rows") if k in doc}
 
 
 def recompute_intervals(path: Path | str) -> CompareIntervals:

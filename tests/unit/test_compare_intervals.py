@@ -50,7 +50,7 @@ def _vector(rng: random.Random, n: int, p: float) -> list[int]:
 def _data(name: str, n_test: int = 20, n_dev: int = 8) -> tuple[dict, dict]:
     """(test, dev) 0/1 rewards per expert of a run, drawn from a generator seeded by the run's name."""
     rng = random.Random(name)
-    p = {"MoE-SFT": 0.2, "MoE-SFT-GRPO": 0.4, "MEML-GRPO": 0.55}[name.split("-s")[0]]
+    p = {"MoE-SFT": 0.2, "MoE-SFT-GRPO": 0.4, "MEML-GRPO": 0.55, "MEML-no-IML": 0.5}[name.split("-s")[0]]
     test = {e: _vector(rng, n_test, p + 0.1 * i) for i, e in enumerate(IDS)}
     dev = {e: _vector(rng, n_dev, p + 0.1 * i) for i, e in enumerate(IDS)}
     return test, dev
@@ -59,12 +59,14 @@ def _data(name: str, n_test: int = 20, n_dev: int = 8) -> tuple[dict, dict]:
 @pytest.fixture
 def fake_meml(monkeypatch):
     """``_meml`` that writes each evaluated run's files instead of running it; ``dev``: whether runs have dev
-    problems; ``skip``: run names that leave no per-problem files (runs evaluated before they were written)."""
-    opts = {"dev": True, "skip": set()}
+    problems; ``skip``: run names that leave no per-problem files (runs evaluated before they were written);
+    ``calls``: (command, run name) of every call."""
+    opts = {"dev": True, "skip": set(), "calls": []}
 
     def fake(argv, log, recipes):
         name = next(a.split("=", 1)[1] for a in argv if a.startswith("run_name="))
         out = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
+        opts["calls"].append((argv[0], name))
         if argv[0] not in ("train", "eval"):
             return
         run = out / name
@@ -171,7 +173,9 @@ def test_compare_problems_json_round_trips_and_recomputes_the_intervals(tmp_path
     assert compare.run_compare(None, [], [1, 2], str(out), only=["MoE-SFT-GRPO", "MEML-GRPO"]) == 0
     path = out / compare.PROBLEMS_FILE
     runs, settings = read_compare_problems(path)
-    assert settings == {"baseline": "MoE-SFT-GRPO", "resamples": 2000, "bootstrap_seed": 0}
+    assert {k: settings[k] for k in ("baseline", "resamples", "bootstrap_seed", "overrides")} == {
+        "baseline": "MoE-SFT-GRPO", "resamples": 2000, "bootstrap_seed": 0, "overrides": []}
+    assert settings["rows"] == json.loads((out / "compare_rows.json").read_text())
     assert [(r.variant, r.seed) for r in runs] == [(v, s) for s in (1, 2)
                                                    for v in ("MoE-SFT", "MoE-SFT-GRPO", "MEML-GRPO")]
     meml2 = runs[-1]
@@ -225,3 +229,45 @@ def test_without_dev_problems_best_on_dev_falls_back_to_the_training_reward(tmp_
     assert "† no dev problems in that run" in md
     test, _ = _data("MEML-GRPO-s1")
     assert acc["MEML-GRPO"][3] == str(wilson(sum(test[IDS[2]]), len(test[IDS[2]])))
+
+
+def test_resume_continues_a_compare_from_its_record_alone(tmp_path, fake_meml):
+    """On another machine (no run directories) ``--resume`` with the record a compare wrote gives one table over the
+    record's seeds and the new ones, running only the missing (row, seed) pairs: a new row of a recorded seed runs
+    that seed's MoE-SFT start again but not its evaluation. A record of other overrides, or without rows, is refused
+    with the file named."""
+    first = tmp_path / "first"
+    assert compare.run_compare(None, ["train.steps=3"], [1], str(first), only=["MoE-SFT-GRPO", "MEML-GRPO"]) == 0
+    record = tmp_path / "kept.json"
+    record.write_bytes((first / compare.PROBLEMS_FILE).read_bytes())
+    kept_runs, kept = read_compare_problems(record)
+    fake_meml["calls"].clear()
+    out = tmp_path / "second"
+    assert compare.run_compare(None, ["train.steps=3"], [1, 2], str(out), only=["MoE-SFT-GRPO", "MEML-GRPO"],
+                               resume=str(record)) == 0
+    assert fake_meml["calls"] == [("sft", "MoE-SFT-s2"), ("eval", "MoE-SFT-s2-eval"), ("train", "MoE-SFT-GRPO-s2"),
+                                  ("train", "MEML-GRPO-s2")]
+    runs, info = read_compare_problems(out / compare.PROBLEMS_FILE)
+    assert runs[:3] == kept_runs and [(r.variant, r.seed) for r in runs[3:]] == [
+        ("MoE-SFT", 2), ("MoE-SFT-GRPO", 2), ("MEML-GRPO", 2)]
+    assert info["rows"][:3] == kept["rows"] and len(info["rows"]) == 6
+    md = (out / "compare.md").read_text()
+    assert len(_table(md, "## Paired difference to MoE-SFT-GRPO: expert0")["MEML-GRPO"]) == 3  # seeds 1, 2, pooled
+    fake_meml["calls"].clear()
+    assert compare.run_compare(None, ["train.steps=3"], [1], str(tmp_path / "third"),
+                               only=["MoE-SFT-GRPO", "MEML-GRPO", "MEML-no-IML"], resume=str(record)) == 0
+    assert fake_meml["calls"] == [("sft", "MoE-SFT-s1"), ("train", "MEML-no-IML-s1")]
+    assert compare.run_compare(None, ["train.steps=4"], [1], str(tmp_path / "x"), resume=str(record)) == 2
+    per_problem_only = tmp_path / "old.json"
+    write_compare_problems(per_problem_only, kept_runs)
+    assert compare.run_compare(None, ["train.steps=3"], [1], str(tmp_path / "y"), resume=str(per_problem_only)) == 2
+    assert compare.run_compare(None, [], [1], str(tmp_path / "z"), resume=str(tmp_path / "absent.json")) == 2
+
+
+def test_resume_names_the_record_in_its_error(tmp_path, fake_meml, capsys):
+    record = tmp_path / "kept.json"
+    assert compare.run_compare(None, [], [1], str(tmp_path / "a"), only=["MEML-GRPO"]) == 0
+    record.write_bytes((tmp_path / "a" / compare.PROBLEMS_FILE).read_bytes())
+    assert compare.run_compare(None, ["train.steps=4"], [1], str(tmp_path / "b"), resume=str(record)) == 2
+    err = capsys.readouterr().err
+    assert str(record) in err and "train.steps=4" in err
