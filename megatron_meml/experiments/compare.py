@@ -384,7 +384,8 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
 def _print_summary(rows: list[dict], intervals: Optional[CompareIntervals], seconds: float) -> None:
     print(f"[compare] {len({r['seed'] for r in rows})} seeds, {seconds:.0f} s; held-out greedy accuracy (mean ± std):")
     for variant, per in compare_stats(rows).items():
-        cells = "  ".join(f"{m} {mu:.3f} ± {sd:.3f}" for m, (mu, sd, _) in per.items())
+        cells = "  ".join(f"{m} {mu:.3f} ± {sd:.3f}" if n > 1 else f"{m} {mu:.3f} (one seed)"
+                          for m, (mu, sd, n) in per.items())
         print(f"  {variant:14s} {cells}")
     if intervals is not None and intervals.pooled:
         print(f"[compare] paired difference to {intervals.baseline} on the test problems, pooled over seeds (95% "
