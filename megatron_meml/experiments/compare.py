@@ -199,7 +199,8 @@ def _resume(root: Path, record: Path, stamp: dict[str, str], overrides: list[str
     mine = read_compare_problems(probs)[0] if probs else []
     have = {(r.variant, r.seed) for r in mine}
     (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
-    write_compare_problems(root / PROBLEMS_FILE, mine + [r for r in runs if (r.variant, r.seed) not in have])
+    write_compare_problems(root / PROBLEMS_FILE, mine + [r for r in runs if (r.variant, r.seed) not in have],
+                           record={"recipes": stamp, "overrides": overrides, "rows": rows})
     (root / ROWS_STAMP).write_text(json.dumps(stamp))
     return {(r["variant"], int(r["seed"])) for r in info["rows"]}
 

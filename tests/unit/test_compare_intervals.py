@@ -243,6 +243,9 @@ def test_resume_continues_a_compare_from_its_record_alone(tmp_path, fake_meml):
     kept_runs, kept = read_compare_problems(record)
     fake_meml["calls"].clear()
     out = tmp_path / "second"
+    out.mkdir()
+    compare._resume(out, record, compare.recipe_stamp(*compare.resolve("toy", None)[1:]), ["train.steps=3"])
+    assert read_compare_problems(out / compare.PROBLEMS_FILE)[1]["rows"] == kept["rows"]  # resumable before any run
     assert compare.run_compare(None, ["train.steps=3"], [1, 2], str(out), only=["MoE-SFT-GRPO", "MEML-GRPO"],
                                resume=str(record)) == 0
     assert fake_meml["calls"] == [("sft", "MoE-SFT-s2"), ("eval", "MoE-SFT-s2-eval"), ("train", "MoE-SFT-GRPO-s2"),
