@@ -185,6 +185,12 @@ def _resume(root: Path, record: Path, stamp: dict[str, str], overrides: list[str
     if "rows" not in info or "recipes" not in info or "overrides" not in info:
         raise ValueError(f"--resume {record}: no rows, recipe stamp or overrides in it (a per-problem file only, "
                          "not a compare record)")
+    given = info["overrides"]
+    if not isinstance(given, list) or not all(isinstance(o, str) and "=" in o for o in given):
+        raise ValueError(f"--resume {record}: overrides must be a list of key=value strings, got {given!r}")
+    for i, row in enumerate(info["rows"] if isinstance(info["rows"], list) else [None]):
+        if not isinstance(row, dict) or not isinstance(row.get("variant"), str) or not isinstance(row.get("seed"), int):
+            raise ValueError(f"--resume {record}: rows[{i}] needs a 'variant' name and an integer 'seed'")
     if not _same_recipes(info["recipes"], stamp):
         raise ValueError(f"--resume {record}: made on other recipe files than the default's current ones; its rows "
                          "would not be the same experiment")

@@ -274,3 +274,12 @@ def test_resume_names_the_record_in_its_error(tmp_path, fake_meml, capsys):
     assert compare.run_compare(None, ["train.steps=4"], [1], str(tmp_path / "b"), resume=str(record)) == 2
     err = capsys.readouterr().err
     assert str(record) in err and "train.steps=4" in err
+    good = json.loads(record.read_text())
+    for key, value, message in (("overrides", ["train.steps"], "key=value strings, got ['train.steps']"),
+                                ("overrides", None, "key=value strings, got None"),
+                                ("rows", [{"variant": "MEML-GRPO"}], "rows[0] needs a 'variant' name"),
+                                ("rows", {"variant": "x"}, "rows[0] needs")):
+        record.write_text(json.dumps(good | {key: value}))
+        assert compare.run_compare(None, [], [1], str(tmp_path / "c"), resume=str(record)) == 2
+        err = capsys.readouterr().err
+        assert str(record) in err and message in err, (key, value, err)
