@@ -29,7 +29,9 @@ per seed (bootstrap over problems) and pooled over seeds (two-level bootstrap). 
 Finished runs in ``--out`` are reused, and the seeds of earlier compares there gathered into one table. Without the
 run directories (another machine), ``--resume RECORD`` continues from the compare_problems.json an earlier compare
 wrote: it carries the rows, the per-problem data, the recipe stamp and the overrides, so its rows join the table and
-only the missing (row, seed) pairs run (with their seed's MoE-SFT start again, when one is missing).
+only the missing (row, seed) pairs run (with their seed's MoE-SFT start again, when one is missing). The record also
+says which model dtype its runs used: ``model.dtype: auto`` picks bf16 or fp32 by CPU kind, so a compare resumed on a
+CPU of the other kind pins the record's dtype, and its new rows pair with the recorded ones on the same numerics.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ from typing import Optional, Sequence
 from megatron_meml.config import load_config, recipe_files
 from megatron_meml.errors import ConfigError
 from megatron_meml.experiments.defaults import resolve, trace_overrides
+from megatron_meml.model.config import DTYPES
+from megatron_meml.model.dtype import auto_dtype
 from megatron_meml.reporting.compare_tables import (BASELINE, READOUTS, CompareIntervals, RunProblems, best_expert,
                                                     compare_intervals, compare_stats, paired_differences,
                                                     read_compare_problems, run_problems, write_compare_problems,
@@ -173,11 +177,13 @@ def _override_map(overrides: Sequence[str]) -> dict[str, str]:
     return dict(o.split("=", 1) for o in overrides)
 
 
-def _resume(root: Path, record: Path, stamp: dict[str, str], overrides: list[str]) -> set[tuple[str, int]]:
-    """Continue a compare from its record (the compare_problems.json a compare writes, with its rows, recipe stamp
-    and overrides: the file to keep, e.g. committed next to the results, when the run directories are gone): checks
-    it was made on the same recipe files with the same overrides, adds its rows and per-problem data to ``root``'s
-    (where ``root`` lacks them) and returns its (variant, seed) pairs, which this compare does not run again."""
+def _resume(root: Path, record: Path, stamp: dict[str, str],
+            overrides: list[str]) -> tuple[set[tuple[str, int]], Optional[str]]:
+    """Continue a compare from its record (the compare_problems.json a compare writes, with its rows, recipe stamp,
+    overrides and dtype: the file to keep, e.g. committed next to the results, when the run directories are gone):
+    checks it was made on the same recipe files with the same overrides, adds its rows and per-problem data to
+    ``root``'s (where ``root`` lacks them) and returns its (variant, seed) pairs, which this compare does not run
+    again, and the model dtype its runs used (None where it does not say)."""
     try:
         runs, info = read_compare_problems(record)
     except OSError as e:
@@ -197,6 +203,9 @@ def _resume(root: Path, record: Path, stamp: dict[str, str], overrides: list[str
     if _override_map(info["overrides"]) != _override_map(overrides):
         raise ValueError(f"--resume {record}: made with overrides {' '.join(info['overrides']) or '(none)'}, not "
                          f"{' '.join(overrides) or '(none)'}")
+    kept = info.get("dtype")
+    if kept is not None and kept not in DTYPES[:-1]:
+        raise ValueError(f"--resume {record}: dtype must be one of {list(DTYPES[:-1])}, got {kept!r}")
     here = _earlier_on_same_recipes(root, stamp, "compare_rows.json")
     rows = json.loads(here.read_text()) if here else []
     have = {(r["variant"], int(r["seed"])) for r in rows}
@@ -206,9 +215,30 @@ def _resume(root: Path, record: Path, stamp: dict[str, str], overrides: list[str
     have = {(r.variant, r.seed) for r in mine}
     (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
     write_compare_problems(root / PROBLEMS_FILE, mine + [r for r in runs if (r.variant, r.seed) not in have],
-                           record={"recipes": stamp, "overrides": overrides, "rows": rows})
+                           record=_record(stamp, overrides, rows, kept))
     (root / ROWS_STAMP).write_text(json.dumps(stamp))
-    return {(r["variant"], int(r["seed"])) for r in info["rows"]}
+    return {(r["variant"], int(r["seed"])) for r in info["rows"]}, kept
+
+
+def _record(stamp: dict[str, str], overrides: list[str], rows: list[dict], dtype: Optional[str]) -> dict:
+    """The compare-record fields of compare_problems.json (``dtype`` left out where it is not known)."""
+    return {"recipes": stamp, "overrides": overrides, "rows": rows} | ({"dtype": dtype} if dtype else {})
+
+
+def _dtype_to_use(configured: str, kept: Optional[str], resumed: bool) -> str:
+    """The model dtype of this compare's runs: the configured one, or for ``auto`` this machine's choice, except
+    that a resumed compare keeps its record's (printed when that differs from this machine's choice)."""
+    mine = auto_dtype()[0] if configured == "auto" else configured
+    if kept is None:
+        if resumed:
+            print(f"[compare] the record does not say its runs' dtype; the new runs use {mine}: their paired "
+                  "differences mean something only if the recorded runs used it too", flush=True)
+        return mine
+    if kept != mine:
+        slow = " (emulated on this CPU, 50-90x slower than fp32)" if kept == "bf16" and mine == "fp32" else ""
+        print(f"[compare] the record's runs used {kept}, this machine would pick {mine}: the new runs use {kept}"
+              f"{slow}, so that they pair with the recorded ones", flush=True)
+    return kept
 
 
 def _eval_dir(root: Path, variant: str, seed: int) -> Path:
@@ -335,19 +365,22 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
         recipes = recipe_stamp(mef, riel)
         root = Path(out or Path(base.output_dir) / "compare")
         root.mkdir(parents=True, exist_ok=True)
-        finished = _resume(root, Path(resume), recipes, overrides) if resume else set()
+        finished, kept = _resume(root, Path(resume), recipes, overrides) if resume else (set(), None)
     except (ConfigError, ValueError) as e:
         print(f"meml compare: {e}", file=sys.stderr)
         return 2
+    dtype = _dtype_to_use(base.model.dtype, kept, bool(resume))
+    known = dtype if kept or not resume else None  # a record that did not say keeps not saying
     expert0 = base.experts.ids[0]
     rows = []
     t0 = time.perf_counter()
     # traces are data drawn once for one set of train problems: such defaults fix the problems over the seeds
     teacher = d.traces == "teacher"
     pinned = [f"data.seed={base.seed if base.data.seed is None else base.data.seed}"] if teacher else []
-    traces = _traces(mef, [*overrides, *pinned], root, recipes) if teacher else []
+    traces = _traces(mef, [*overrides, *pinned, f"model.dtype={dtype}"], root, recipes) if teacher else []
     for seed in seeds:
-        common = [*overrides, *pinned, f"seed={seed}", f"output_dir={root}", "logging.progress=off"]
+        common = [*overrides, *pinned, f"model.dtype={dtype}", f"seed={seed}", f"output_dir={root}",
+                  "logging.progress=off"]
         # a start is needed when some RL row of this seed is not finished in the resumed record
         start = any((v, seed) not in finished for v in rl)
         for variant, extra in sft_runs.items():
@@ -377,7 +410,7 @@ def run_compare(recipe_dir: Optional[str], overrides: list[str], seeds: list[int
     rows = _with_earlier_rows(root, recipes, rows)
     runs = _gather_runs(root, recipes, rows, base.experts.ids)
     (root / "compare_rows.json").write_text(json.dumps(rows, indent=1))
-    record = {"recipes": recipes, "overrides": overrides, "rows": rows}
+    record = _record(recipes, overrides, rows, known)
     write_compare_problems(root / PROBLEMS_FILE, runs, record=record)
     (root / ROWS_STAMP).write_text(json.dumps(recipes))
     intervals = compare_intervals(runs) if runs else None

@@ -145,7 +145,8 @@ def write_compare_problems(path: Path | str, runs: Sequence[RunProblems], *, bas
                            record: Optional[Mapping[str, object]] = None) -> Path:
     """``{"baseline", "resamples", "bootstrap_seed", ...record, "runs": [RunProblems fields ...]}``, one run per
     line. ``record``: what makes the file a compare record that another machine continues (`meml compare
-    --resume`): ``recipes`` (the recipe stamp), ``overrides`` (the compare's own) and ``rows`` (compare_rows.json)."""
+    --resume`): ``recipes`` (the recipe stamp), ``overrides`` (the compare's own), ``rows`` (compare_rows.json) and
+    ``dtype`` (the model dtype its runs used, which ``auto`` chooses per machine)."""
     path = Path(path)
     head = json.dumps({"baseline": baseline, "resamples": resamples, "bootstrap_seed": seed})
     extra = "".join(f', "{k}": {json.dumps(v)}' for k, v in (record or {}).items() if k != "rows")
@@ -157,15 +158,15 @@ def write_compare_problems(path: Path | str, runs: Sequence[RunProblems], *, bas
 
 
 def read_compare_problems(path: Path | str) -> tuple[list[RunProblems], dict]:
-    """(runs, settings: baseline, resamples, bootstrap_seed, and, in a compare record, recipes, overrides and rows)
-    of a compare_problems.json."""
+    """(runs, settings: baseline, resamples, bootstrap_seed, and, in a compare record, recipes, overrides, rows and
+    dtype where recorded) of a compare_problems.json."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         runs = [RunProblems(**r) for r in doc["runs"]]
         settings = {k: doc[k] for k in ("baseline", "resamples", "bootstrap_seed")}
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a compare_problems.json ({e})") from None
-    return runs, settings | {k: doc[k] for k in ("recipes", "overrides", "rows") if k in doc}
+    return runs, settings | {k: doc[k] for k in ("recipes", "overrides", "rows", "dtype") if k in doc}
 
 
 def recompute_intervals(path: Path | str) -> CompareIntervals:

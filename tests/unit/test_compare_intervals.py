@@ -60,13 +60,15 @@ def _data(name: str, n_test: int = 20, n_dev: int = 8) -> tuple[dict, dict]:
 def fake_meml(monkeypatch):
     """``_meml`` that writes each evaluated run's files instead of running it; ``dev``: whether runs have dev
     problems; ``skip``: run names that leave no per-problem files (runs evaluated before they were written);
-    ``calls``: (command, run name) of every call."""
-    opts = {"dev": True, "skip": set(), "calls": []}
+    ``calls``: (command, run name) of every call; ``dtypes``: the model.dtype each call was given (the last
+    override wins)."""
+    opts = {"dev": True, "skip": set(), "calls": [], "dtypes": []}
 
     def fake(argv, log, recipes):
         name = next(a.split("=", 1)[1] for a in argv if a.startswith("run_name="))
         out = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
         opts["calls"].append((argv[0], name))
+        opts["dtypes"].append([a.split("=", 1)[1] for a in argv if a.startswith("model.dtype=")][-1])  # last wins
         if argv[0] not in ("train", "eval"):
             return
         run = out / name
@@ -283,3 +285,42 @@ def test_resume_names_the_record_in_its_error(tmp_path, fake_meml, capsys):
         assert compare.run_compare(None, [], [1], str(tmp_path / "c"), resume=str(record)) == 2
         err = capsys.readouterr().err
         assert str(record) in err and message in err, (key, value, err)
+
+
+def test_resume_keeps_the_records_dtype_on_a_cpu_of_the_other_kind(tmp_path, fake_meml, monkeypatch, capsys):
+    """``model.dtype: auto`` is fp32 on an AVX2-only CPU and bf16 on one with bf16 matmuls: a compare records the
+    dtype its runs used, and resumed on the other kind of CPU its new runs keep it (said on the console), so that
+    they pair with the recorded runs. A record that does not say keeps not saying; a bad dtype is refused. (The toy
+    recipes set fp32: ``auto`` comes from an override.)"""
+    auto = ["model.dtype=auto"]
+    monkeypatch.setattr(compare, "auto_dtype", lambda: ("fp32", "no native bf16"))
+    assert compare.run_compare(None, auto, [1], str(tmp_path / "a"), only=["MoE-SFT-GRPO", "MEML-GRPO"]) == 0
+    assert set(fake_meml["dtypes"]) == {"fp32"}
+    record = tmp_path / "kept.json"
+    record.write_bytes((tmp_path / "a" / compare.PROBLEMS_FILE).read_bytes())
+    assert read_compare_problems(record)[1]["dtype"] == "fp32"
+    monkeypatch.setattr(compare, "auto_dtype", lambda: ("bf16", "native bf16"))
+    fake_meml["dtypes"].clear()
+    capsys.readouterr()
+    assert compare.run_compare(None, auto, [2], str(tmp_path / "b"), only=["MoE-SFT-GRPO", "MEML-GRPO"],
+                               resume=str(record)) == 0
+    assert len(fake_meml["dtypes"]) == 4 and set(fake_meml["dtypes"]) == {"fp32"}
+    assert "the record's runs used fp32, this machine would pick bf16: the new runs use fp32" in capsys.readouterr().out
+    assert read_compare_problems(tmp_path / "b" / compare.PROBLEMS_FILE)[1]["dtype"] == "fp32"
+    # without a record, the configured dtype or this machine's choice
+    fake_meml["dtypes"].clear()
+    assert compare.run_compare(None, ["model.dtype=fp32"], [1], str(tmp_path / "c"), only=["MEML-GRPO"]) == 0
+    assert compare.run_compare(None, auto, [1], str(tmp_path / "d"), only=["MEML-GRPO"]) == 0
+    assert fake_meml["dtypes"] == ["fp32"] * 3 + ["bf16"] * 3
+    unsaid = json.loads(record.read_text())
+    del unsaid["dtype"]
+    record.write_text(json.dumps(unsaid))
+    fake_meml["dtypes"].clear()
+    capsys.readouterr()
+    assert compare.run_compare(None, auto, [2], str(tmp_path / "e"), only=["MoE-SFT-GRPO", "MEML-GRPO"],
+                               resume=str(record)) == 0
+    assert set(fake_meml["dtypes"]) == {"bf16"} and "does not say its runs' dtype" in capsys.readouterr().out
+    assert "dtype" not in read_compare_problems(tmp_path / "e" / compare.PROBLEMS_FILE)[1]
+    record.write_text(json.dumps(unsaid | {"dtype": "int8"}))
+    assert compare.run_compare(None, auto, [2], str(tmp_path / "f"), resume=str(record)) == 2
+    assert str(record) in capsys.readouterr().err
