@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import yaml
+
 from megatron_meml.config import load_config, recipe_files
 from megatron_meml.errors import ConfigError
 from megatron_meml.experiments.defaults import resolve, trace_overrides
@@ -110,18 +112,28 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def recipe_stamp(mef: Path, riel: Path) -> dict[str, str]:
-    """What reuse of a finished run is checked against: ``recipes``, the sha256 of the recipe pair's two files, and
-    ``bases``, of the other files their ``base:`` chains name (so an edited base recipe reruns every row)."""
-    own = {mef.resolve(), riel.resolve()}
-    h = hashlib.sha256()
-    for path in sorted({p.resolve() for r in (mef, riel) for p in recipe_files(r)} - own):
+    """What reuse of a finished run is checked against: ``settings``, the sha256 of what the recipe pair's files and
+    the other files their ``base:`` chains name set (each file parsed, so an edited comment or layout reruns
+    nothing, an edited value everything); and, for stamps written before ``settings`` was, ``recipes`` and
+    ``bases``, the sha256 of those files' bytes."""
+    own = [mef.resolve(), riel.resolve()]
+    bases = sorted({p.resolve() for r in (mef, riel) for p in recipe_files(r)} - set(own))
+    h, parsed = hashlib.sha256(), hashlib.sha256()
+    for path in bases:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return {"recipes": hashlib.sha256(mef.read_bytes() + riel.read_bytes()).hexdigest(), "bases": h.hexdigest()}
+    for path in [*own, *bases]:
+        text = json.dumps(yaml.safe_load(path.read_text(encoding="utf-8")), sort_keys=True)
+        parsed.update(path.name.encode() + b"\0" + text.encode() + b"\0")
+    return {"recipes": hashlib.sha256(mef.read_bytes() + riel.read_bytes()).hexdigest(), "bases": h.hexdigest(),
+            "settings": parsed.hexdigest()}
 
 
 def _same_recipes(old: dict, stamp: dict[str, str]) -> bool:
-    """``old`` (a stamp written by an earlier compare) was made on the same recipe files as ``stamp``. Stamps from
-    before the base chain was recorded have no ``bases`` and are judged on the two files alone."""
+    """``old`` (a stamp written by an earlier compare) was made on recipe files of the same settings as ``stamp``'s.
+    Stamps from before ``settings`` was recorded are judged on the files' bytes, and those from before the base
+    chain was recorded on the two files alone."""
+    if "settings" in old:
+        return old["settings"] == stamp["settings"]
     return old.get("recipes") == stamp["recipes"] and old.get("bases", stamp["bases"]) == stamp["bases"]
 
 

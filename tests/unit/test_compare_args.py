@@ -117,7 +117,8 @@ def test_dynamic_rows_get_the_plain_rows_rollout_budget():
 
 def test_compare_table_gathers_the_seeds_of_earlier_compares(tmp_path, monkeypatch):
     """``--seeds 1`` then ``--seeds 2`` in one output directory give one table over both seeds (a re-run seed replaces
-    its rows); after a recipe file changes, the earlier rows are left out of the table."""
+    its rows); after a recipe file's settings change, the earlier rows are left out of the table (not after an edited
+    comment)."""
     import json
     import shutil
 
@@ -135,7 +136,8 @@ def test_compare_table_gathers_the_seeds_of_earlier_compares(tmp_path, monkeypat
 
     def table(seed):
         assert run_compare(str(recipes), [], [seed], str(out), only=["MEML-GRPO"]) == 0
-        return [(r["variant"], r["seed"], r["acc_expert0"]) for r in json.loads((out / "compare_rows.json").read_text())]
+        rows = json.loads((out / "compare_rows.json").read_text())
+        return [(r["variant"], r["seed"], r["acc_expert0"]) for r in rows]
 
     assert table(1) == [("MoE-SFT", 1, 0.25), ("MEML-GRPO", 1, 0.25)]
     assert table(2) == [("MoE-SFT", 1, 0.25), ("MEML-GRPO", 1, 0.25), ("MoE-SFT", 2, 0.5), ("MEML-GRPO", 2, 0.5)]
@@ -143,14 +145,17 @@ def test_compare_table_gathers_the_seeds_of_earlier_compares(tmp_path, monkeypat
     assert table(1) == [("MoE-SFT", 1, 0.75), ("MEML-GRPO", 1, 0.75), ("MoE-SFT", 2, 0.5), ("MEML-GRPO", 2, 0.5)]
     assert "(1, 2)" in (out / "compare.md").read_text()
     rl = recipes / "embedded-default.yaml"
-    rl.write_text(rl.read_text() + "\n# edited\n")
+    rl.write_text(rl.read_text() + "\n# a comment edited: the same settings, the rows kept\n")
+    assert len(table(2)) == 4
+    rl.write_text(rl.read_text().replace("save_every: 10", "save_every: 11"))
     assert table(2) == [("MoE-SFT", 2, 0.5), ("MEML-GRPO", 2, 0.5)]
 
 
 def test_compare_reuses_a_run_from_another_checkout_but_not_after_a_base_recipe_changes(tmp_path, monkeypatch):
     """A finished run is reused when the same command runs on recipe files of the same contents, wherever they lie
-    (a fresh clone reuses a compare's runs); an edit to a file of the ``base:`` chain, not only to the recipe pair,
-    reruns it; a stamp from before the chain was recorded (no ``bases``) is judged on the pair alone."""
+    (a fresh clone reuses a compare's runs); an edit to a setting in a file of the ``base:`` chain, not only to the
+    recipe pair, reruns it, an edited comment does not; a stamp from before the settings and the chain were recorded
+    (no ``settings``, no ``bases``) is judged on the pair's bytes alone."""
     import json
     import shutil
 
@@ -180,9 +185,11 @@ def test_compare_reuses_a_run_from_another_checkout_but_not_after_a_base_recipe_
     assert run(b) == 3  # the same files in another checkout
     (b / "base" / "common.yaml").write_text("seed: 8\n")
     assert run(b) == 4  # the base chain changed
+    (b / "base" / "common.yaml").write_text("# the common settings\nseed:   8\n")
+    assert run(b) == 4  # a comment and the layout: the same settings
     done = log.with_suffix(".done.json")
     legacy = json.loads(done.read_text())
-    del legacy["bases"]
+    del legacy["bases"], legacy["settings"]
     done.write_text(json.dumps(legacy))
     assert run(b) == 4
     (b / "rl.yaml").write_text("base: base/common.yaml\nrun_name: rl2\n")
