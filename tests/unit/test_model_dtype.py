@@ -1,4 +1,4 @@
-"""``model.dtype: auto``: bf16 only where bf16 matmuls are native (CUDA, AVX512-BF16/AMX CPUs), fp32 elsewhere."""
+"""``model.dtype: auto``: bf16 on CUDA, fp32 on every CPU (with native bf16 matmuls or without)."""
 from __future__ import annotations
 
 import platform
@@ -13,7 +13,7 @@ from megatron_meml.model.dtype import auto_dtype, cpu_bf16_native, for_this_mach
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
-@pytest.mark.parametrize("cuda,native,want", [(True, False, "bf16"), (True, True, "bf16"), (False, True, "bf16"),
+@pytest.mark.parametrize("cuda,native,want", [(True, False, "bf16"), (True, True, "bf16"), (False, True, "fp32"),
                                               (False, False, "fp32")])
 def test_auto_resolves_by_hardware(cuda, native, want):
     assert resolve_model_dtype(ModelConfig(dtype="auto"), cuda=cuda, bf16_native=native).dtype == want
@@ -46,3 +46,8 @@ def test_the_real_model_recipes_run_the_machines_dtype():
         cfg = load_config(RECIPES / name)
         assert cfg.model.dtype == "auto", name
         assert for_this_machine(cfg).model.dtype == want, name
+
+
+def test_auto_on_a_cpu_with_bf16_matmuls_says_why_it_runs_fp32():
+    dtype, why = auto_dtype(cuda=False, bf16_native=True)
+    assert dtype == "fp32" and "below bf16's resolution" in why and "model.dtype=bf16" in why
