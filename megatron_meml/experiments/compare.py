@@ -30,8 +30,9 @@ Finished runs in ``--out`` are reused, and the seeds of earlier compares there g
 run directories (another machine), ``--resume RECORD`` continues from the compare_problems.json an earlier compare
 wrote: it carries the rows, the per-problem data, the recipe stamp and the overrides, so its rows join the table and
 only the missing (row, seed) pairs run (with their seed's MoE-SFT start again, when one is missing). The record also
-says which model dtype its runs used: ``model.dtype: auto`` picks bf16 or fp32 by CPU kind, so a compare resumed on a
-CPU of the other kind pins the record's dtype, and its new rows pair with the recorded ones on the same numerics.
+says which model dtype its runs used: ``model.dtype: auto`` picks it by machine (bf16 on a GPU, fp32 on a CPU), so a
+compare resumed where ``auto`` picks otherwise keeps the record's dtype, and its new rows pair with the recorded ones
+on the same numerics.
 """
 from __future__ import annotations
 
@@ -240,16 +241,15 @@ def _record(stamp: dict[str, str], overrides: list[str], rows: list[dict], dtype
 def _dtype_to_use(configured: str, kept: Optional[str], resumed: bool) -> str:
     """The model dtype of this compare's runs: the configured one, or for ``auto`` this machine's choice, except
     that a resumed compare keeps its record's (printed when that differs from this machine's choice)."""
-    mine = auto_dtype()[0] if configured == "auto" else configured
+    mine, why = auto_dtype() if configured == "auto" else (configured, "configured")
     if kept is None:
         if resumed:
             print(f"[compare] the record does not say its runs' dtype; the new runs use {mine}: their paired "
                   "differences mean something only if the recorded runs used it too", flush=True)
         return mine
     if kept != mine:
-        slow = " (emulated on this CPU, 50-90x slower than fp32)" if kept == "bf16" and mine == "fp32" else ""
-        print(f"[compare] the record's runs used {kept}, this machine would pick {mine}: the new runs use {kept}"
-              f"{slow}, so that they pair with the recorded ones", flush=True)
+        print(f"[compare] the record's runs used {kept}, this machine would pick {mine} ({why}): the new runs use "
+              f"{kept}, so that they pair with the recorded ones", flush=True)
     return kept
 
 

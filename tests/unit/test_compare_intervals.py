@@ -287,10 +287,10 @@ def test_resume_names_the_record_in_its_error(tmp_path, fake_meml, capsys):
         assert str(record) in err and message in err, (key, value, err)
 
 
-def test_resume_keeps_the_records_dtype_on_a_cpu_of_the_other_kind(tmp_path, fake_meml, monkeypatch, capsys):
-    """``model.dtype: auto`` is fp32 on an AVX2-only CPU and bf16 on one with bf16 matmuls: a compare records the
-    dtype its runs used, and resumed on the other kind of CPU its new runs keep it (said on the console), so that
-    they pair with the recorded runs. A record that does not say keeps not saying; a bad dtype is refused. (The toy
+def test_resume_keeps_the_records_dtype_where_auto_picks_another(tmp_path, fake_meml, monkeypatch, capsys):
+    """``model.dtype: auto`` picks by machine (fp32 on a CPU, bf16 on a GPU): a compare records the dtype its runs
+    used, and resumed where ``auto`` picks otherwise its new runs keep it (said on the console), so that they pair
+    with the recorded runs. A record that does not say keeps not saying; a bad dtype is refused. (The toy
     recipes set fp32: ``auto`` comes from an override.)"""
     auto = ["model.dtype=auto"]
     monkeypatch.setattr(compare, "auto_dtype", lambda: ("fp32", "no native bf16"))
@@ -305,7 +305,7 @@ def test_resume_keeps_the_records_dtype_on_a_cpu_of_the_other_kind(tmp_path, fak
     assert compare.run_compare(None, auto, [2], str(tmp_path / "b"), only=["MoE-SFT-GRPO", "MEML-GRPO"],
                                resume=str(record)) == 0
     assert len(fake_meml["dtypes"]) == 4 and set(fake_meml["dtypes"]) == {"fp32"}
-    assert "the record's runs used fp32, this machine would pick bf16: the new runs use fp32" in capsys.readouterr().out
+    assert "used fp32, this machine would pick bf16 (native bf16): the new runs use fp32" in capsys.readouterr().out
     assert read_compare_problems(tmp_path / "b" / compare.PROBLEMS_FILE)[1]["dtype"] == "fp32"
     # without a record, the configured dtype or this machine's choice
     fake_meml["dtypes"].clear()
