@@ -44,8 +44,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     """Inline: share input embedding and output layer weights."""
     dtype: str = "fp32"
-    """Parameter dtype: fp32, bf16, fp16, or auto: bf16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16,
-    AMX, Arm BF16), fp32 on other CPUs, where bf16 is emulated 50-90x slower (``model/dtype.py``)."""
+    """Parameter dtype: fp32, bf16, fp16, or auto: bf16 on CUDA, fp32 on every CPU, where bf16 training of a short
+    run learns little and, without native bf16 matmuls, runs 50-90x slower (``model/dtype.py``)."""
     layer_spec: str = "auto"
     """auto (TE when transformer_engine imports, else sdpa), te, local, sdpa (local layers + PyTorch SDPA attention)."""
     fp8: Optional[str] = None
