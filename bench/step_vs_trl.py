@@ -32,7 +32,7 @@ Usage:  .venv/bin/python bench/step_vs_trl.py [--repeats 3] [--steps 20] [--warm
 
 Real-model mode (``--real .models/SmolLM2-135M-Instruct``), at 2 threads on both sides:
   trl     bench/trl_real_grpo.py in the TRL venv: TRL 1.16.0 GRPOTrainer, HF generate, in the precision of our side
-          (bf16=True where the recipe's model.dtype: auto picks bf16, i.e. CPUs with native bf16 matmuls; else fp32),
+          (bf16=True where the recipe's model.dtype: auto picks bf16, i.e. on a GPU; fp32 on every CPU),
           8 prompts x 8 generations x 64 new tokens, T=0.7, lr 1e-5, reward "The answer is X" = gold.
   grpo    recipes/smollm2-wordmath.yaml in plain GRPO mode (one expert, no mutual learning, no hard examples,
           std-normalised advantages, clipped ratio), 8 problems x 8 samples x 64 new tokens, T=0.7: vLLM rollout,
@@ -245,7 +245,7 @@ def run_trl_real(py: Path, model: str, steps: int, warmup: int, out: Path, promp
 
 def real_bf16() -> bool:
     """Whether the real-model sides run in bf16: what the recipe's ``model.dtype: auto`` picks on this machine
-    (bf16 with native bf16 matmuls, else fp32), so TRL gets the same precision as ours."""
+    (bf16 on a GPU, fp32 on a CPU), so TRL gets the same precision as ours."""
     from megatron_meml.model.dtype import auto_dtype
 
     return auto_dtype()[0] == "bf16"

@@ -41,9 +41,8 @@ Usage:
         batches of 8 padded to their longest, fused AdamW. Prints `cpu real-model train ratio N` (arp / cr tokens
         per second), `packed/padded train ratio N` (arp / ar) and each side's GFLOP/s against the matmul peak in
         the row's dtype, measured in the same process.
-  The row's dtype is what the recipe's model.dtype: auto picks on this CPU (megatron_meml.model.dtype): bf16 (ar
-  bf16 params, cr bf16 autocast) with native bf16 matmuls (AVX512-BF16, AMX), fp32 on both sides elsewhere,
-  where bf16 matmuls are emulated ~50x slower.
+  The row's dtype is what the recipe's model.dtype: auto picks (megatron_meml.model.dtype): fp32 on both sides on
+  a CPU; bf16 (ar bf16 params, cr bf16 autocast) on a GPU.
 On CPU, Megatron needs the CPU shim: megatron_meml.model.cpu_compat (tests.megatron_cpu in older trees); it is
 never installed when CUDA is available.
 """
@@ -359,7 +358,7 @@ def _real_rows(args) -> list[tuple[list[int], int]]:
 
 def _real_meml_step_fn(args, rows, packed: bool = False):
     """(ar): megatron_meml's GRPO step as ``meml train`` runs it on the real model: the smollm2-wordmath recipe
-    (model.dtype auto: bf16 params + fp32 main params where bf16 is native, else fp32; paper_pg loss with rollout
+    (model.dtype auto: fp32 on a CPU, bf16 params + fp32 main params on a GPU; paper_pg loss with rollout
     log-probs, micro_batch_size 8), rows through
     batching.to_train_batch (sorted by length) and Trainer.train_step (each micro-batch trimmed to its rows)."""
     from pathlib import Path

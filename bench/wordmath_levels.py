@@ -23,8 +23,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="sampled responses per problem and expert")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="auto", help="fp32, bf16, or auto (model.dtype's rule: bf16 only with native "
-                                                    "bf16 matmuls)")
+    ap.add_argument("--dtype", default="auto", help="fp32, bf16, or auto (model.dtype's rule: fp32 on a CPU, bf16 "
+                                                    "on a GPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
