@@ -168,9 +168,15 @@ def _resolve_base(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, di
     return chain
 
 
+def recipe_chain(recipe) -> list[tuple[Path, dict]]:
+    """The files a recipe is built from, its ``base:`` chain first, then the recipe itself, each with the settings
+    it makes (its parsed YAML, less ``base``)."""
+    return [(Path(where), data) for where, data in _resolve_base(find_recipe(recipe))]
+
+
 def recipe_files(recipe) -> list[Path]:
     """The files a recipe is built from: its ``base:`` chain, base first, then the recipe itself."""
-    return [Path(where) for where, _ in _resolve_base(find_recipe(recipe))]
+    return [path for path, _ in recipe_chain(recipe)]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

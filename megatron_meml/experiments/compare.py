@@ -45,9 +45,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import yaml
-
-from megatron_meml.config import load_config, recipe_files
+from megatron_meml.config import load_config, recipe_chain
 from megatron_meml.errors import ConfigError
 from megatron_meml.experiments.defaults import resolve, trace_overrides
 from megatron_meml.model.config import DTYPES
@@ -118,12 +116,13 @@ def recipe_stamp(mef: Path, riel: Path) -> dict[str, str]:
     nothing, an edited value everything); and, for stamps written before ``settings`` was, ``recipes`` and
     ``bases``, the sha256 of those files' bytes."""
     own = [mef.resolve(), riel.resolve()]
-    bases = sorted({p.resolve() for r in (mef, riel) for p in recipe_files(r)} - set(own))
+    settings = {path.resolve(): data for r in (mef, riel) for path, data in recipe_chain(r)}
+    bases = sorted(set(settings) - set(own))
     h, parsed = hashlib.sha256(), hashlib.sha256()
     for path in bases:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     for path in [*own, *bases]:
-        text = json.dumps(yaml.safe_load(path.read_text(encoding="utf-8")), sort_keys=True)
+        text = json.dumps(settings[path], sort_keys=True, default=str)
         parsed.update(path.name.encode() + b"\0" + text.encode() + b"\0")
     return {"recipes": hashlib.sha256(mef.read_bytes() + riel.read_bytes()).hexdigest(), "bases": h.hexdigest(),
             "settings": parsed.hexdigest()}
@@ -216,9 +215,9 @@ def _resume(root: Path, record: Path, stamp: dict[str, str],
     if _override_map(info["overrides"]) != _override_map(overrides):
         raise ValueError(f"--resume {record}: made with overrides {' '.join(info['overrides']) or '(none)'}, not "
                          f"{' '.join(overrides) or '(none)'}")
-    kept = info.get("dtype")
-    if kept is not None and kept not in DTYPES[:-1]:
-        raise ValueError(f"--resume {record}: dtype must be one of {list(DTYPES[:-1])}, got {kept!r}")
+    kept, concrete = info.get("dtype"), [d for d in DTYPES if d != "auto"]
+    if kept is not None and kept not in concrete:
+        raise ValueError(f"--resume {record}: dtype must be one of {concrete}, got {kept!r}")
     here = _earlier_on_same_recipes(root, stamp, "compare_rows.json")
     rows = json.loads(here.read_text()) if here else []
     have = {(r["variant"], int(r["seed"])) for r in rows}
